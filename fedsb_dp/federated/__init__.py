@@ -1,0 +1,1 @@
+"""Federated Fed-SB: DP-SGD clients, the averaging server, and the in-process engine."""

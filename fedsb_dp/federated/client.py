@@ -1,0 +1,261 @@
+"""A federated client's local DP-SGD over R (and the head): Opacus clipping and noise.
+
+Record-level DP per client: every logical step draws a Poisson batch (each record in with
+probability ``q = expected_batch_size / N_i``), clips each example's gradient of the trainable
+tensors to ``max_grad_norm`` with Opacus' per-sample gradients, adds ``N(0, σ²C²)`` to the sum
+and divides by the *expected* batch size — a public constant, never the realised size. One
+logical step is one ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``; empty Poisson batches
+still step (noise only) and still count.
+
+A logical batch larger than ``max_physical_batch_size`` is processed in chunks whose clipped
+gradients Opacus accumulates before noising once, so memory is bounded without changing the
+mechanism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from accounting.events import GaussianDpEvent, PoissonSampledDpEvent
+from fedsb_dp.adapters.export import set_trainable_state
+from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
+from fedsb_dp.errors import ConfigError, FedSBError
+from fedsb_dp.losses import example_losses
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class NonFiniteLossError(FedSBError, FloatingPointError):
+    """A local step produced a NaN or infinite loss; the round's update is discarded."""
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """How a client trains in one round.
+
+    Attributes:
+        expected_batch_size: b; the Poisson rate is b / N_i and the noisy sum is divided by b.
+        local_steps: Logical DP-SGD steps per round (K).
+        learning_rate: Optimizer step size.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        max_grad_norm: C, per-example clip norm over all trainable tensors jointly.
+        noise_multiplier: σ (noise std σ·C on the sum); 0 only for non-private runs.
+        max_physical_batch_size: Largest chunk run through the model at once (memory only).
+        weight_decay: AdamW weight decay.
+
+    """
+
+    expected_batch_size: int
+    local_steps: int
+    learning_rate: float
+    optimizer: str
+    max_grad_norm: float
+    noise_multiplier: float
+    max_physical_batch_size: int = 32
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("expected_batch_size", "local_steps", "max_physical_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0")
+        if not self.noise_multiplier >= 0:
+            raise ConfigError(f"noise_multiplier={self.noise_multiplier} must be ≥ 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be ≥ 0")
+
+    def step_event(self, num_records: int) -> PoissonSampledDpEvent:
+        """The event of one logical step on a client holding ``num_records`` records."""
+        return PoissonSampledDpEvent(
+            sampling_probability=sampling_probability(self.expected_batch_size, num_records),
+            event=GaussianDpEvent(noise_multiplier=self.noise_multiplier),
+        )
+
+
+def sampling_probability(expected_batch_size: int, num_records: int) -> float:
+    """Q = b / N, which must lie in (0, 1].
+
+    Raises:
+        ConfigError: If the client holds fewer records than the expected batch size.
+
+    """
+    if num_records < 1:
+        raise ConfigError(f"a client holds {num_records} records; it needs at least one")
+    if expected_batch_size > num_records:
+        raise ConfigError(
+            f"expected batch size {expected_batch_size} exceeds a client's {num_records} "
+            "records (sampling probability would be > 1): lower --batch-size or use fewer "
+            "clients"
+        )
+    return expected_batch_size / num_records
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back after a round.
+
+    Attributes:
+        client_id: The sender.
+        state: Trainable tensors after local training (R of every layer, head if trained).
+        steps: Logical DP-SGD steps actually executed.
+        event: The privacy event of one step (the client ran ``steps`` of them).
+        fingerprint: Hash of the frozen factors the client trained against.
+
+    """
+
+    client_id: str
+    state: dict[str, torch.Tensor]
+    steps: int
+    event: PoissonSampledDpEvent
+    fingerprint: str
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor that must not change during training (frozen params, buffers)."""
+    digest = hashlib.sha256()
+    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    tensors += list(model.named_buffers())
+    for name, tensor in tensors:
+        data = tensor.detach().contiguous()
+        digest.update(name.encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _poisson_indices(num_records: int, q: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.nonzero(torch.rand(num_records, generator=generator) < q).flatten()
+
+
+class DPClient:
+    """One data holder: its records and its local DP-SGD loop.
+
+    Args:
+        client_id: Identifier used in the ledger.
+        dataset: The client's records (a map-style dataset yielding dicts with ``labels``).
+        collate: Turns a list of examples into a padded batch.
+        task: ``"sequence-classification"`` or ``"causal-lm"``.
+
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        dataset: torch.utils.data.Dataset,
+        collate: Callable,
+        *,
+        task: str,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ConfigError(f"client {client_id!r} has no records")
+        self.client_id = client_id
+        self.dataset = dataset
+        self.collate = collate
+        self.task = task
+
+    @property
+    def num_records(self) -> int:
+        """N_i (treated as public)."""
+        return len(self.dataset)
+
+    def _optimizer(self, params: list[nn.Parameter], config: LocalTrainingConfig,
+                   noise_generator: torch.Generator) -> DPOptimizer:
+        if config.optimizer == "adamw":
+            base = torch.optim.AdamW(params, lr=config.learning_rate,
+                                     weight_decay=config.weight_decay)
+        else:
+            base = torch.optim.SGD(params, lr=config.learning_rate)
+        return DPOptimizer(
+            base,
+            noise_multiplier=config.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            expected_batch_size=config.expected_batch_size,
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+
+    def train_round(
+        self,
+        private_model: nn.Module,
+        global_state: Mapping[str, torch.Tensor],
+        config: LocalTrainingConfig,
+        *,
+        noise_generator: torch.Generator,
+        sampling_generator: torch.Generator,
+        on_step: Callable[[int], None] | None = None,
+    ) -> ClientUpdate:
+        """Start from the global trainable state and run ``config.local_steps`` DP-SGD steps.
+
+        Args:
+            private_model: The model wrapped in Opacus' ``GradSampleModule`` (hooks mode).
+            global_state: The server's current trainable tensors (R̄, head).
+            config: Local training settings.
+            noise_generator: Source of the DP noise (OS entropy unless the run is seeded).
+            sampling_generator: Source of the Poisson batch draws.
+            on_step: Called with the step index after each logical step (progress bars).
+
+        Returns:
+            The client's update.
+
+        Raises:
+            NonFiniteLossError: If a loss becomes NaN/inf (nothing is returned for the round).
+            FedSBError: If a frozen tensor changed during training.
+
+        """
+        model = private_model._module if hasattr(private_model, "_module") else private_model
+        set_trainable_state(model, global_state)
+        model.train()
+        before = frozen_digest(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params, config, noise_generator)
+        q = sampling_probability(config.expected_batch_size, self.num_records)
+        steps = 0
+        for step in range(config.local_steps):
+            indices = _poisson_indices(self.num_records, q, sampling_generator)
+            chunks = list(torch.split(indices, config.max_physical_batch_size)) or [indices]
+            for position, chunk in enumerate(chunks):
+                if len(chunk) == 0:
+                    # Empty Poisson batch: the step still happens, releasing noise only.
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:
+                    batch = self.collate([self.dataset[int(i)] for i in chunk])
+                    losses = example_losses(private_model, batch, task=self.task)
+                    if not torch.isfinite(losses).all():
+                        optimizer.zero_grad(set_to_none=True)
+                        raise NonFiniteLossError(
+                            f"client {self.client_id!r}: non-finite loss at local step {step}"
+                        )
+                    losses.mean().backward()
+                optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if on_step is not None:
+                on_step(step)
+        if frozen_digest(model) != before:
+            raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
+        state = trainable_state(model)
+        if all(torch.equal(state[k], global_state[k]) for k in state):
+            raise FedSBError(f"client {self.client_id!r}: no trainable tensor moved this round")
+        return ClientUpdate(
+            client_id=self.client_id,
+            state=state,
+            steps=steps,
+            event=config.step_event(self.num_records),
+            fingerprint=frozen_fingerprint(model),
+        )

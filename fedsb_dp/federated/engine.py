@@ -1,0 +1,437 @@
+"""The in-process Fed-SB engine: setup, private rounds, budget guard, checkpoints, resume.
+
+Order of operations (each release is in the ledger before its noise exists):
+
+1. Validate settings, load data and partition it, check δ < 1/N_total, load the model and
+   check the rank against every target — all before any private record is touched.
+2. Calibrate σ once for the whole plan (init event + every round × local steps × per-client q)
+   so the max-over-clients ε meets the target; an unreachable target stops here.
+3. Initialise B, A, R⁰ (data-free by default); a data-dependent init is reserved in the ledger
+   first. The agreed factors are saved so a resume never re-runs the init.
+4. Per round: the budget guard projects ε with this round's steps and refuses if it would pass
+   the target; otherwise it reserves them in the ledger (saved to disk) *before* any client
+   trains. Clients train with Opacus DP-SGD; replies are validated (fingerprint, keys, shapes,
+   steps); R̄ is their mean; the reservation is committed and a checkpoint written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from safetensors.torch import load_file, save_file
+
+from accounting import (
+    BudgetExceededError,
+    BudgetGuard,
+    FederatedPlan,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    check_delta,
+    default_delta,
+    federation_epsilon,
+)
+from accounting.events import NonPrivateDpEvent
+from fedsb_dp.adapters import (
+    SBConfig,
+    find_target_modules,
+    frozen_fingerprint,
+    gradient_svd_init,
+    inject_adapters,
+    load_sb_adapter,
+    random_orthonormal_init,
+    save_sb_adapter,
+    trainable_state,
+    w0_svd_init,
+)
+from fedsb_dp.adapters.export import export_peft_adapter, save_merged, set_trainable_state
+from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
+from fedsb_dp.errors import ConfigError, FedSBError
+from fedsb_dp.federated import run_dir as rd
+from fedsb_dp.federated.client import (
+    DPClient,
+    LocalTrainingConfig,
+    NonFiniteLossError,
+    sampling_probability,
+)
+from fedsb_dp.federated.evaluation import evaluate_classifier
+from fedsb_dp.federated.partition import client_frames, iid_partition
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
+from fedsb_dp.models import load_model
+from fedsb_dp.rng import RandomStreams
+
+logger = logging.getLogger(__name__)
+
+TASK = "sequence-classification"
+
+
+@dataclass
+class RunResult:
+    """Outcome of :func:`run_federation` (also written to ``summary.json``).
+
+    Attributes:
+        run_dir: Where everything was written.
+        status: ``"completed"``, ``"stopped-budget"`` or ``"stopped-nonfinite"``.
+        summary: The summary dictionary (ε recomputed from the saved ledger).
+
+    """
+
+    run_dir: str
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Setup:
+    config: RunConfig
+    streams: RandomStreams
+    clients: dict[str, DPClient]
+    validation: TokenizedDataset
+    test: TokenizedDataset
+    collate: Callable
+    loaded: Any
+    delta: float
+    n_total: int
+    num_labels: int
+    label_names: tuple[str, ...]
+
+
+def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
+    """Load data, partition, model; validate everything that can fail before spending."""
+    streams = RandomStreams(config.seed)
+    data = load_text_classification(
+        config.dataset, text_column=config.text_column,
+        text_pair_column=config.text_pair_column, label_column=config.label_column,
+        max_train_records=config.max_train_records,
+    )
+    parts = iid_partition(len(data.train), num_clients=config.clients, seed=partition_seed)
+    frames = client_frames(data.train, parts)
+    n_total = len(data.train)
+    if config.private:
+        delta = config.delta if config.delta is not None else default_delta(n_total)
+        check_delta(delta, n_total=n_total, allow_large=config.allow_large_delta)
+    else:
+        delta = config.delta if config.delta is not None else default_delta(n_total)
+    for frame in frames.values():
+        sampling_probability(config.batch_size, len(frame))  # raises with a clear message
+    loaded = load_model(config.model, task=TASK, num_labels=data.num_labels)
+    if not config.model_dropout:
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    collate = make_collate(loaded.tokenizer)
+    clients = {
+        cid: DPClient(cid, TokenizedDataset(frame, loaded.tokenizer,
+                                            max_length=config.max_length), collate, task=TASK)
+        for cid, frame in frames.items()
+    }
+    validation, test = data.validation, data.test
+    if config.max_eval_records is not None:
+        validation = validation.head(config.max_eval_records)
+        test = test.head(config.max_eval_records)
+    return _Setup(
+        config=config, streams=streams, clients=clients,
+        validation=TokenizedDataset(validation, loaded.tokenizer, max_length=config.max_length),
+        test=TokenizedDataset(test, loaded.tokenizer, max_length=config.max_length),
+        collate=collate, loaded=loaded, delta=delta, n_total=n_total,
+        num_labels=data.num_labels, label_names=data.label_names,
+    )
+
+
+def _sb_config(config: RunConfig) -> SBConfig:
+    return SBConfig(rank=config.rank, target_modules=config.targets,
+                    dropout=config.adapter_dropout, train_head=config.train_head)
+
+
+def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
+    """The init release each client is charged for (empty when the init reads no record)."""
+    from accounting.events import GaussianDpEvent
+
+    if config.init != "gradient-svd" or config.init_source == "public":
+        return {}
+    if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
+        return {cid: NonPrivateDpEvent() for cid in client_ids}
+    return {cid: GaussianDpEvent(noise_multiplier=config.init_noise_multiplier)
+            for cid in client_ids}
+
+
+def _participants(config: RunConfig, streams: RandomStreams, round_index: int,
+                  client_ids: list[str]) -> list[str]:
+    if config.participation >= 1.0:
+        return list(client_ids)
+    count = max(config.min_clients, round(config.participation * len(client_ids)))
+    chosen = streams.numpy("participation", round_index).choice(
+        len(client_ids), size=count, replace=False)
+    return [client_ids[i] for i in sorted(chosen)]
+
+
+def _plan(config: RunConfig, setup: _Setup) -> FederatedPlan:
+    return FederatedPlan(
+        sampling_probabilities={
+            cid: sampling_probability(config.batch_size, c.num_records)
+            for cid, c in setup.clients.items()
+        },
+        local_steps=config.local_steps,
+        rounds=config.rounds,
+        init_events=_init_events(config, list(setup.clients)),
+    )
+
+
+def _initialise(setup: _Setup, sb: SBConfig, ledger: PrivacyLedger, ledger_path: str) -> None:
+    """Compute the agreed factors and inject them; a data-dependent init is ledgered first."""
+    config = setup.config
+    model = setup.loaded.model
+    targets = find_target_modules(model, sb.resolved_targets(model.config.model_type),
+                                  rank=config.rank)
+    if config.init == "w0-svd":
+        result = w0_svd_init(targets, rank=config.rank)
+    elif config.init == "random-orthonormal":
+        result = random_orthonormal_init(targets, rank=config.rank,
+                                         seed=setup.streams.integer("init-factors"))
+    else:
+        for cid, event in _init_events(config, list(setup.clients)).items():
+            ledger.record(cid, event, count=1, kind="init")
+        ledger.save(ledger_path)
+        result = gradient_svd_init(
+            model, targets, {cid: c.dataset for cid, c in setup.clients.items()},
+            setup.collate, task=TASK, rank=config.rank, source=config.init_source,
+            n_init=min(config.init_examples, min(c.num_records for c in setup.clients.values())),
+            lr_eff=config.init_lr, max_grad_norm=config.init_clip_norm,
+            noise_multiplier=config.init_noise_multiplier,
+            generator=setup.streams.torch("init-noise") if setup.streams.seeded else None,
+            allow_nonprivate=config.allow_nonprivate_init,
+        )
+    inject_adapters(model, result.factors, sb)
+
+
+def _local_config(config: RunConfig, sigma: float) -> LocalTrainingConfig:
+    return LocalTrainingConfig(
+        expected_batch_size=config.batch_size, local_steps=config.local_steps,
+        learning_rate=config.learning_rate, optimizer=config.optimizer,
+        max_grad_norm=config.max_grad_norm, noise_multiplier=sigma,
+        max_physical_batch_size=config.max_physical_batch_size,
+    )
+
+
+def _epsilon_report(ledger_path: str, delta: float, accountant: str) -> dict[str, Any]:
+    """ε recomputed from the ledger file on disk — never a number carried in memory."""
+    ledger = PrivacyLedger.load(ledger_path)
+    result = federation_epsilon(ledger, delta=delta, accountant=accountant)
+    per_client = {cid: r.epsilon for cid, r in result.per_client.items()}
+    worst = result.per_client[result.worst_client] if result.per_client else None
+    return {
+        "epsilon": result.epsilon,
+        "epsilon_lower": worst.lower if worst else None,
+        "epsilon_estimate": worst.estimate if worst else None,
+        "accountant": worst.accountant if worst else accountant,
+        "fallback_reason": worst.fallback_reason if worst else None,
+        "delta": delta,
+        "per_client_epsilon": per_client,
+    }
+
+
+def run_federation(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    export_merged: bool = False,
+    export_peft: bool = False,
+    progress: bool = True,
+    stop_after_rounds: int | None = None,
+) -> RunResult:
+    """Run (or resume) a private federated Fed-SB fine-tuning.
+
+    Args:
+        config: The settings (for ``resume``, ``config.out`` names the run to continue and
+            the saved settings are used).
+        resume: Continue the run in ``config.out`` from its last completed round.
+        export_merged: Also save a merged ``transformers`` model.
+        export_peft: Also save a PEFT LoRA adapter.
+        progress: Show progress bars.
+        stop_after_rounds: Stop (as if killed) after this many rounds in this call; for tests.
+
+    Returns:
+        Where the run is, how it ended, and its summary.
+
+    """
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    out = config.out or rd.default_run_dir()
+    paths = {name: os.path.join(out, name) for name in (
+        rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROGRESS, rd.PROVENANCE, rd.INIT_ADAPTER,
+        rd.CHECKPOINT, rd.FINAL_ADAPTER, rd.SUMMARY)}
+    if resume:
+        if not os.path.exists(paths[rd.PROGRESS]):
+            raise ConfigError(f"{out!r} is not a resumable run directory (no {rd.PROGRESS})")
+        config = RunConfig.from_dict(rd.read_json(paths[rd.CONFIG])["config"])
+        config = RunConfig.from_dict({**config.to_dict(), "out": out})
+        state = rd.read_json(paths[rd.PROGRESS])
+        setup = _prepare(config, partition_seed=state["partition_seed"])
+        sb = load_sb_adapter(setup.loaded.model, paths[rd.INIT_ADAPTER])
+        if frozen_fingerprint(setup.loaded.model) != state["fingerprint"]:
+            raise FedSBError(f"{out}: saved init adapter does not match its recorded fingerprint")
+        ledger = PrivacyLedger.load(paths[rd.LEDGER])
+        if state["completed_rounds"] > 0:
+            set_trainable_state(setup.loaded.model, load_file(paths[rd.CHECKPOINT]))
+        sigma = state["noise_multiplier"]
+    else:
+        streams = RandomStreams(config.seed)
+        partition_seed = streams.integer("partition")
+        setup = _prepare(config, partition_seed=partition_seed)
+        sb = _sb_config(config)
+        model = setup.loaded.model
+        # Rank against every target before any privacy work.
+        find_target_modules(model, sb.resolved_targets(model.config.model_type), rank=config.rank)
+        if config.private:
+            calibration = calibrate_noise_multiplier(
+                target_epsilon=config.epsilon, target_delta=setup.delta,
+                plan=_plan(config, setup), accountant=config.accountant,
+            )
+            sigma = calibration.noise_multiplier
+        else:
+            sigma = 0.0
+        rd.claim_new_run_dir(out)
+        rd.write_json_atomic(paths[rd.CONFIG], {"config": config.to_dict(),
+                                                 "digest": config.digest()})
+        rd.write_json_atomic(paths[rd.PROVENANCE],
+                             rd.provenance(config.digest(), seeded=setup.streams.seeded))
+        ledger = PrivacyLedger(
+            unit="example",
+            dataset_sizes={cid: c.num_records for cid, c in setup.clients.items()},
+            target_epsilon=config.epsilon, target_delta=setup.delta,
+            allow_large_delta=config.allow_large_delta,
+            metadata={"seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
+                      "noise_is_release": not setup.streams.seeded,
+                      "sampling": "poisson", "noise_multiplier": sigma,
+                      "max_grad_norm": config.max_grad_norm, "method": "fed-sb"},
+        )
+        ledger.save(paths[rd.LEDGER])
+        _initialise(setup, sb, ledger, paths[rd.LEDGER])
+        save_sb_adapter(setup.loaded.model, paths[rd.INIT_ADAPTER], sb, base_model=config.model)
+        state = {"completed_rounds": 0, "partition_seed": partition_seed,
+                 "noise_multiplier": sigma,
+                 "fingerprint": frozen_fingerprint(setup.loaded.model),
+                 "bytes_setup": payload_bytes({
+                     k: v for k, v in load_file(os.path.join(
+                         paths[rd.INIT_ADAPTER], "lora_sb_adapter.safetensors")).items()
+                 }) * config.clients,
+                 "bytes_up": 0, "bytes_down": 0}
+        rd.write_json_atomic(paths[rd.PROGRESS], state)
+
+    model = setup.loaded.model
+    client_ids = list(setup.clients)
+    local = _local_config(config, sigma)
+    guard = BudgetGuard(ledger, target_epsilon=config.epsilon if config.private else math.inf,
+                        delta=setup.delta, accountant=config.accountant)
+    private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    status = "completed"
+    message = None
+    rounds_this_call = 0
+    try:
+        for round_index in range(state["completed_rounds"], config.rounds):
+            if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds:
+                status = "interrupted"
+                break
+            participants = _participants(config, setup.streams, round_index, client_ids)
+            step_events = {
+                cid: (local.step_event(setup.clients[cid].num_records)
+                      if config.private else NonPrivateDpEvent(), config.local_steps)
+                for cid in participants
+            }
+            try:
+                token = guard.reserve_round(step_events, round_index=round_index)
+            except BudgetExceededError as exc:
+                status, message = "stopped-budget", str(exc)
+                logger.warning("stopping before round %d: %s", round_index + 1, exc)
+                break
+            ledger.save(paths[rd.LEDGER])
+            global_state = trainable_state(model)
+            updates = []
+            for cid in participants:
+                bar = tqdm(total=config.local_steps, disable=not progress, leave=False,
+                           desc=f"round {round_index + 1}/{config.rounds} {cid}")
+                update = setup.clients[cid].train_round(
+                    private_model, global_state, local,
+                    noise_generator=setup.streams.torch("noise", round_index,
+                                                        client_ids.index(cid)),
+                    sampling_generator=setup.streams.torch("poisson", round_index,
+                                                           client_ids.index(cid)),
+                    on_step=lambda _step, bar=bar: bar.update(1),
+                )
+                bar.close()
+                validate_update(update, global_state=global_state,
+                                fingerprint=state["fingerprint"],
+                                expected_steps=config.local_steps)
+                updates.append(update)
+            aggregated = weighted_mean([u.state for u in updates])
+            set_trainable_state(model, aggregated)
+            guard.commit(token)
+            ledger.save(paths[rd.LEDGER])
+            save_file({k: v.contiguous() for k, v in aggregated.items()},
+                      paths[rd.CHECKPOINT] + ".tmp")
+            os.replace(paths[rd.CHECKPOINT] + ".tmp", paths[rd.CHECKPOINT])
+            down = payload_bytes(global_state) * len(participants)
+            up = sum(payload_bytes(u.state) for u in updates)
+            state.update(completed_rounds=round_index + 1,
+                         bytes_up=state["bytes_up"] + up, bytes_down=state["bytes_down"] + down)
+            metrics = evaluate_classifier(model, setup.validation, setup.collate,
+                                          num_labels=setup.num_labels)
+            eps = (_epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
+                   if config.private else {"epsilon": math.inf})
+            rd.append_jsonl(paths[rd.METRICS], {
+                "round": round_index + 1, "participants": participants,
+                "validation_accuracy": metrics["accuracy"], "validation_loss": metrics["loss"],
+                "validation_macro_f1": metrics["macro_f1"], "epsilon": eps["epsilon"],
+                "bytes_up": up, "bytes_down": down, "elapsed_s": time.time() - started,
+            })
+            rd.write_json_atomic(paths[rd.PROGRESS], state)
+            rounds_this_call += 1
+            logger.info("round %d: validation accuracy %.4f, ε so far %.4g",
+                        round_index + 1, metrics["accuracy"], eps["epsilon"])
+    except NonFiniteLossError as exc:
+        status, message = "stopped-nonfinite", (
+            f"{exc}. The round was discarded; the ledger keeps its reserved steps and the last "
+            f"good checkpoint is {paths[rd.CHECKPOINT]} (round {state['completed_rounds']}). "
+            "Lower --lr or --clip and start a new run")
+        logger.error(message)
+    finally:
+        private_model._close()
+    if status == "interrupted":
+        return RunResult(run_dir=out, status=status)
+    if state["completed_rounds"] > 0:
+        set_trainable_state(model, load_file(paths[rd.CHECKPOINT]))
+    test_metrics = evaluate_classifier(model, setup.test, setup.collate,
+                                       num_labels=setup.num_labels)
+    save_sb_adapter(model, paths[rd.FINAL_ADAPTER], sb, base_model=config.model)
+    if export_merged:
+        save_merged(model, os.path.join(out, "merged"), setup.loaded.tokenizer)
+    if export_peft:
+        export_peft_adapter(model, os.path.join(out, "peft_adapter"),
+                            base_model=setup.loaded.resolved_path)
+    eps = (_epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
+           if config.private else {"epsilon": math.inf, "delta": setup.delta,
+                                   "per_client_epsilon": {}})
+    summary = {
+        "status": status, "message": message,
+        "test_accuracy": test_metrics["accuracy"], "test_macro_f1": test_metrics["macro_f1"],
+        "test_loss": test_metrics["loss"], "test_examples": test_metrics["examples"],
+        "rounds_completed": state["completed_rounds"], "rounds_planned": config.rounds,
+        "noise_multiplier": sigma, "privacy": eps, "target_epsilon": config.epsilon,
+        "bytes_setup": state["bytes_setup"], "bytes_up": state["bytes_up"],
+        "bytes_down": state["bytes_down"],
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "clients": {cid: c.num_records for cid, c in setup.clients.items()},
+        "seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
+        "label_names": list(setup.label_names), "wall_time_s": time.time() - started,
+    }
+    rd.write_json_atomic(paths[rd.SUMMARY], summary)
+    return RunResult(run_dir=out, status=status, summary=summary)

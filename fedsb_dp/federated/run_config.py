@@ -1,0 +1,167 @@
+"""Settings of a federated run, validated before anything is loaded or spent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
+from fedsb_dp.data import DEFAULT_DATASET
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.client import OPTIMIZERS
+from fedsb_dp.models import DEFAULT_MODEL
+
+DP_LEVELS = ("example", "client")
+ACCOUNTANTS = ("prv", "pld", "rdp")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. Defaults give ``fedsb-dp run --epsilon 3``.
+
+    Privacy: ``epsilon`` is the target for the whole run (init + all rounds); ``None`` means a
+    non-private run (σ = 0), which must be asked for with ``no_dp=True``. ``delta`` defaults to
+    a value well below 1/N_total.
+    """
+
+    # privacy
+    epsilon: float | None = None
+    delta: float | None = None
+    no_dp: bool = False
+    allow_large_delta: bool = False
+    accountant: str = "prv"
+    dp_level: str = "example"
+    max_grad_norm: float = 0.1
+    client_clip_norm: float = 0.05
+    # model and adapters
+    model: str = DEFAULT_MODEL
+    rank: int = 16
+    targets: tuple[str, ...] | None = None
+    train_head: bool = True
+    adapter_dropout: float = 0.0
+    model_dropout: bool = True
+    init: str = "w0-svd"
+    init_source: str = "dp"
+    init_examples: int = 64
+    init_noise_multiplier: float = 8.0
+    init_clip_norm: float = 1.0
+    init_lr: float = 5e-4
+    allow_nonprivate_init: bool = False
+    # data
+    dataset: str = DEFAULT_DATASET
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 64
+    max_train_records: int | None = None
+    max_eval_records: int | None = None
+    # federation
+    clients: int = 3
+    rounds: int = 3
+    local_steps: int = 10
+    batch_size: int = 32
+    max_physical_batch_size: int = 32
+    learning_rate: float = 2e-3
+    optimizer: str = "adamw"
+    participation: float = 1.0
+    min_clients: int = 1
+    # run
+    seed: int | None = None
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.no_dp and self.epsilon is not None:
+            raise ConfigError(
+                f"epsilon={self.epsilon} and no_dp=True contradict each other: drop one"
+            )
+        if not self.no_dp:
+            if self.epsilon is None:
+                raise ConfigError("give a privacy target epsilon (e.g. 3), or no_dp=True")
+            if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+                raise ConfigError(f"epsilon={self.epsilon} must be a finite number > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"delta={self.delta} must be in (0, 1)")
+        self._choice("accountant", ACCOUNTANTS)
+        self._choice("dp_level", DP_LEVELS)
+        self._choice("init", INIT_METHODS)
+        self._choice("init_source", GRADIENT_SOURCES)
+        self._choice("optimizer", OPTIMIZERS)
+        for name in ("rank", "clients", "rounds", "local_steps", "batch_size",
+                     "max_physical_batch_size", "max_length", "init_examples", "min_clients"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("max_grad_norm", "client_clip_norm", "learning_rate", "init_clip_norm",
+                     "init_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if not self.init_noise_multiplier >= 0:
+            raise ConfigError(f"init_noise_multiplier={self.init_noise_multiplier} must be ≥ 0")
+        if not 0 < self.participation <= 1:
+            raise ConfigError(f"participation={self.participation} must be in (0, 1]")
+        if self.min_clients > self.clients:
+            raise ConfigError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
+        if not 0 <= self.adapter_dropout < 1:
+            raise ConfigError(f"adapter_dropout={self.adapter_dropout} must be in [0, 1)")
+        for name in ("max_train_records", "max_eval_records"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value} must be ≥ 1")
+        if self.init == "gradient-svd" and self.init_source == "nonprivate" and not (
+            self.allow_nonprivate_init
+        ):
+            raise ConfigError(
+                "init_source='nonprivate' reads raw private gradients (ε = ∞); add "
+                "--allow-nonprivate-init to do it anyway, or use --init-source dp"
+            )
+        if self.dp_level == "client" and self.participation < 1 and self.no_dp:
+            raise ConfigError("client-level DP needs a privacy target, not no_dp")
+
+    def _choice(self, name: str, options: tuple[str, ...]) -> None:
+        if getattr(self, name) not in options:
+            raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {options}")
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private."""
+        return not self.no_dp
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dictionary."""
+        out = asdict(self)
+        if self.targets is not None:
+            out["targets"] = list(self.targets)
+        return out
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the settings that define the run (not ``out``)."""
+        body = {k: v for k, v in self.to_dict().items() if k != "out"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from a dictionary; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        normalised = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**normalised)
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides: Any) -> RunConfig:
+        """Read settings from a TOML file (a flat table, or a ``[run]`` table)."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path!r}: {exc}") from exc
+        data = data.get("run", data)
+        data.update(overrides)
+        return cls.from_dict(data)

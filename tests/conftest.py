@@ -1,0 +1,50 @@
+"""Shared fixtures. Everything runs offline on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rotten_tomatoes():
+    from fedsb_dp.data import load_text_classification
+
+    return load_text_classification()
+
+
+@pytest.fixture()
+def minilm():
+    """The real default model (fresh per test: tests modify it in place)."""
+    from fedsb_dp.models import load_model
+
+    return load_model()
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)  # test-only: the model's random init
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).train()
+
+
+def tiny_llama(seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).train()

@@ -1,0 +1,103 @@
+"""Offline default data, splits and loaders."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from fedsb_dp.data import (
+    TokenizedDataset,
+    load_text_classification,
+    make_collate,
+)
+from fedsb_dp.errors import DataError
+
+
+def test_rotten_tomatoes_default(rotten_tomatoes):
+    data = rotten_tomatoes
+    assert data.label_names == ("rotten", "fresh")
+    sizes = len(data.train), len(data.validation), len(data.test)
+    total = sum(sizes)
+    # 12,808 fresh/rotten rows minus missing/duplicates; plot rows are gone.
+    assert 12_600 < total <= 12_808
+    assert 0.07 < sizes[1] / total < 0.13 and 0.07 < sizes[2] / total < 0.13
+    assert set(data.train["label"].unique()) == {0, 1}
+    keys = [set(s["text"].str.strip().str.lower()) for s in (data.train, data.validation,
+                                                             data.test)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert data.dropped["duplicates"] > 0
+
+
+def test_splits_are_deterministic_and_order_independent(tmp_path):
+    frame = pd.DataFrame({"sentence": [f"text number {i}" for i in range(300)],
+                          "y": ["pos", "neg", "neu"] * 100})
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    shuffled = tmp_path / "s.csv"
+    frame.sample(frac=1.0, random_state=1).to_csv(shuffled, index=False)
+    a = load_text_classification(str(path), text_column="sentence", label_column="y")
+    b = load_text_classification(str(shuffled), text_column="sentence", label_column="y")
+    assert set(a.test["text"]) == set(b.test["text"])
+    assert a.label_names == ("neg", "neu", "pos")
+    c = load_text_classification(str(path), text_column="sentence", label_column="y",
+                                 split_seed=7)
+    assert set(a.test["text"]) != set(c.test["text"])
+
+
+def test_duplicates_and_conflicts_removed(tmp_path):
+    frame = pd.DataFrame({
+        "text": ["Same text", "same  TEXT", "clash", "clash"] + [f"x{i}" for i in range(40)],
+        "label": [1, 1, 0, 1] + [i % 2 for i in range(40)],
+    })
+    path = tmp_path / "d.jsonl"
+    frame.to_json(path, orient="records", lines=True)
+    data = load_text_classification(str(path))
+    all_text = pd.concat([data.train, data.validation, data.test])["text"].tolist()
+    assert "clash" not in all_text
+    assert sum(t.lower().split() == ["same", "text"] for t in all_text) == 1
+    assert data.dropped == {"missing": 0, "conflicting_labels": 2, "duplicates": 1}
+
+
+def test_text_pair_columns(tmp_path):
+    frame = pd.DataFrame({"premise": [f"p{i}" for i in range(60)],
+                          "hypothesis": [f"h{i}" for i in range(60)],
+                          "label": [0, 1, 2] * 20})
+    path = tmp_path / "nli.parquet"
+    frame.to_parquet(path)
+    data = load_text_classification(str(path), text_column="premise",
+                                    text_pair_column="hypothesis")
+    assert data.has_pair and data.num_labels == 3
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_text_classification(str(tmp_path / "missing.csv"))
+    frame = pd.DataFrame({"text": ["a", "b"], "label": [0, 1]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"column\(s\) \['sentence'\]"):
+        load_text_classification(str(tmp_path / "d.csv"), text_column="sentence")
+    with pytest.raises(DataError, match="validation_fraction=1.5"):
+        load_text_classification(validation_fraction=1.5)
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(DataError, match="extension '.xlsx'"):
+        load_text_classification(str(tmp_path / "d.xlsx"))
+
+
+def test_unknown_label_in_test_split(tmp_path):
+    from fedsb_dp.data import _unit_hash
+
+    candidates = pd.Series([f"odd one {i}" for i in range(100)])
+    in_test = candidates[_unit_hash(candidates, 0) < 0.1].iloc[0]
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(50)] + [in_test],
+                          "label": ["a", "b"] * 25 + ["c"]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"label value\(s\) \['c'\]"):
+        load_text_classification(str(tmp_path / "d.csv"))
+
+
+def test_tokenized_batches_pad_to_longest(minilm, rotten_tomatoes):
+    dataset = TokenizedDataset(rotten_tomatoes.train.head(8), minilm.tokenizer, max_length=32)
+    batch = make_collate(minilm.tokenizer)([dataset[i] for i in range(8)])
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 32
+    assert batch["labels"].tolist() == rotten_tomatoes.train.head(8)["label"].tolist()
+    assert (batch["attention_mask"].sum(1) == batch["attention_mask"].sum(1)).all()
