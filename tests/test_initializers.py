@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from accounting.events import GaussianDpEvent, NonPrivateDpEvent, NoOpDpEvent
+from conftest import ToyTextDataset as _Toy
 from conftest import tiny_bert
+from conftest import toy_collate as _collate
 from fedsb_dp.adapters import find_target_modules, gradient_svd_init
 from fedsb_dp.adapters.initializers import (
     clipped_gradient_sum,
@@ -17,31 +19,6 @@ from fedsb_dp.adapters.initializers import (
 from fedsb_dp.errors import ConfigError
 
 TASK = "sequence-classification"
-
-
-class _Toy(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 100, (n, 12), generator=g)
-        self.lengths = torch.randint(3, 13, (n,), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return {"input_ids": self.ids[i, : self.lengths[i]], "labels": self.labels[i]}
-
-
-def _collate(examples):
-    length = max(len(e["input_ids"]) for e in examples)
-    ids = torch.zeros(len(examples), length, dtype=torch.long)
-    mask = torch.zeros(len(examples), length, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = e["input_ids"]
-        mask[i, : len(e["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "labels": torch.stack([e["labels"] for e in examples])}
 
 
 def _model():

@@ -1,0 +1,199 @@
+"""End-to-end private Fed-SB runs on the real MiniLM with a few hundred records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from accounting import PrivacyLedger, federation_epsilon
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.run_config import RunConfig
+
+SMALL = dict(max_train_records=240, max_eval_records=64, clients=3, rounds=2, local_steps=2,
+             batch_size=8, max_length=32, rank=4)
+
+
+def _config(tmp_path, name="run", **overrides):
+    values = {**SMALL, "epsilon": 3.0, "out": str(tmp_path / name), **overrides}
+    return RunConfig(**values)
+
+
+def _steps_per_client(ledger: PrivacyLedger) -> dict[str, int]:
+    body = ledger.to_json_dict()
+    counts: dict[str, int] = {}
+    for cid, entries in body["clients"].items():
+        counts[cid] = sum(e["count"] for e in entries if e.get("kind") == "dp-sgd")
+    return counts
+
+
+def test_private_run_end_to_end(tmp_path):
+    config = _config(tmp_path)
+    result = run_federation(config, progress=False, export_peft=True)
+    assert result.status == "completed"
+    s = result.summary
+    out = result.run_dir
+    for name in ("config.json", "ledger.json", "metrics.jsonl", "provenance.json",
+                 "summary.json", "final_adapter", "peft_adapter"):
+        assert os.path.exists(os.path.join(out, name)), name
+    ledger = PrivacyLedger.load(os.path.join(out, "ledger.json"))
+    recomputed = federation_epsilon(ledger, delta=s["privacy"]["delta"], accountant="prv")
+    assert s["privacy"]["epsilon"] == recomputed.epsilon
+    assert 0 < recomputed.epsilon <= 3.0
+    assert s["privacy"]["delta"] < 1 / sum(s["clients"].values())
+    assert set(recomputed.per_client) == {"client-0", "client-1", "client-2"}
+    assert _steps_per_client(ledger) == {c: 2 * 2 for c in recomputed.per_client}
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert metrics[-1]["epsilon"] == pytest.approx(recomputed.epsilon)
+    # Uplink per client per round = R of 24 layers... here 12 targets × r² + head, as bytes.
+    assert s["bytes_up"] > 0 and s["bytes_up"] == s["bytes_down"]
+    assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2
+    assert 0.0 <= s["test_accuracy"] <= 1.0
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="already exists"):
+        run_federation(_config(tmp_path, "taken"), progress=False)
+    assert (target / "keep.txt").read_text() == "precious"
+
+
+def test_resume_after_interruption_between_rounds(tmp_path):
+    config = _config(tmp_path, seed=7)
+    first = run_federation(config, progress=False, stop_after_rounds=1)
+    assert first.status == "interrupted"
+    ledger = PrivacyLedger.load(os.path.join(first.run_dir, "ledger.json"))
+    assert set(_steps_per_client(ledger).values()) == {2}
+    resumed = run_federation(config, resume=True, progress=False)
+    assert resumed.status == "completed"
+    ledger = PrivacyLedger.load(os.path.join(first.run_dir, "ledger.json"))
+    assert set(_steps_per_client(ledger).values()) == {4}  # nothing re-spent, nothing lost
+    assert resumed.summary["rounds_completed"] == 2
+
+
+def test_crash_inside_round_keeps_the_charge_and_guard_stops(tmp_path, monkeypatch):
+    from fedsb_dp.federated import client as client_module
+
+    config = _config(tmp_path)
+    original = client_module.DPClient.train_round
+    calls = {"n": 0}
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # round 2, second client: noise of round 2 may be out
+            raise KeyboardInterrupt("simulated kill inside a round")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(client_module.DPClient, "train_round", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(config, progress=False)
+    monkeypatch.setattr(client_module.DPClient, "train_round", original)
+    ledger = PrivacyLedger.load(os.path.join(config.out, "ledger.json"))
+    assert set(_steps_per_client(ledger).values()) == {4}  # round 2 reserved: counted
+    resumed = run_federation(config, resume=True, progress=False)
+    # σ was calibrated for exactly 2 rounds; redoing round 2 would pass the target.
+    assert resumed.status == "stopped-budget"
+    assert resumed.summary["privacy"]["epsilon"] <= 3.0
+    ledger = PrivacyLedger.load(os.path.join(config.out, "ledger.json"))
+    assert set(_steps_per_client(ledger).values()) == {4}
+
+
+def test_non_private_run_reports_infinite_epsilon(tmp_path):
+    config = RunConfig(**{**SMALL, "no_dp": True, "rounds": 1, "out": str(tmp_path / "np")})
+    result = run_federation(config, progress=False)
+    assert math.isinf(result.summary["privacy"]["epsilon"])
+
+
+def test_seeded_runs_are_reproducible_and_marked(tmp_path):
+    a = run_federation(_config(tmp_path, "a", seed=3, rounds=1), progress=False)
+    b = run_federation(_config(tmp_path, "b", seed=3, rounds=1), progress=False)
+    from safetensors.torch import load_file
+
+    wa = load_file(os.path.join(a.run_dir, "checkpoint.safetensors"))
+    wb = load_file(os.path.join(b.run_dir, "checkpoint.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.summary["seed_mode"] == "seeded"
+    ledger = PrivacyLedger.load(os.path.join(a.run_dir, "ledger.json"))
+    assert ledger.to_json_dict()["metadata"]["noise_is_release"] is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epsilon": 0.0}, "epsilon=0.0"),
+        ({"epsilon": -1.0}, "epsilon=-1.0"),
+        ({"delta": 0.01}, "1/"),
+        ({"rank": 500}, "rank=500"),
+        ({"clients": 300}, "clients=300|num_clients=300"),
+        ({"batch_size": 200}, "batch size 200"),
+        ({"model": "/nonexistent/model-dir"}, "cannot load model"),
+        ({"text_column": "sentence", "dataset": "__CSV__"}, "sentence"),
+        ({"targets": ("q_proj",)}, "q_proj"),
+        ({"epsilon": 1e-6}, "epsilon|ε|unreachable|σ"),
+    ],
+)
+def test_bad_input_fails_before_spending(tmp_path, overrides, message):
+    if overrides.get("dataset") == "__CSV__":
+        csv = tmp_path / "d.csv"
+        csv.write_text("text,label\n" + "\n".join(f"t{i},{i % 2}" for i in range(300)))
+        overrides = {**overrides, "dataset": str(csv)}
+    with pytest.raises(ValueError, match=message):
+        run_federation(_config(tmp_path, **overrides), progress=False)
+    assert not os.path.exists(tmp_path / "run" / "ledger.json")
+
+
+def test_cli_run_and_bad_epsilon(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "run", "--epsilon", "-2"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "epsilon=-2.0" in bad.stderr
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "fedsb_dp.cli", "run", "--epsilon", "3", "--out", str(out),
+            "--max-train-records", "240", "--max-eval-records", "64", "--rounds", "1",
+            "--local-steps", "2", "--batch-size", "8", "--max-length", "32", "--rank", "4",
+            "--no-progress"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout and "per-client ε" in done.stdout
+    assert "communicated" in done.stdout and str(out) in done.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "fedsb_dp.cli", "run", "--epsilon", "3", "--out", str(out),
+            "--max-train-records", "240", "--max-eval-records", "32", "--rounds", "3",
+            "--local-steps", "3", "--batch-size", "8", "--max-length", "32", "--rank", "4",
+            "--no-progress"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    ledger_before = PrivacyLedger.load(str(out / "ledger.json"))
+    charged_before = _steps_per_client(ledger_before)
+    assert min(charged_before.values()) >= 3
+    resumed = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "run", "--resume", str(out),
+                              "--no-progress"], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode in (0, 1), resumed.stderr
+    ledger_after = PrivacyLedger.load(str(out / "ledger.json"))
+    after = _steps_per_client(ledger_after)
+    assert all(after[c] >= charged_before[c] for c in after)  # nothing forgotten
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] <= 3.0
