@@ -28,11 +28,7 @@ def _config(tmp_path, name="run", **overrides):
 
 
 def _steps_per_client(ledger: PrivacyLedger) -> dict[str, int]:
-    body = ledger.to_json_dict()
-    counts: dict[str, int] = {}
-    for cid, entries in body["clients"].items():
-        counts[cid] = sum(e["count"] for e in entries if e.get("kind") == "dp-sgd")
-    return counts
+    return {cid: ledger.steps(cid) for cid in ledger.clients}
 
 
 def test_private_run_end_to_end(tmp_path):
@@ -125,7 +121,7 @@ def test_seeded_runs_are_reproducible_and_marked(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a.summary["seed_mode"] == "seeded"
     ledger = PrivacyLedger.load(os.path.join(a.run_dir, "ledger.json"))
-    assert ledger.to_json_dict()["metadata"]["noise_is_release"] is False
+    assert ledger.metadata["noise_is_release"] is False
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_bert
 
 from accounting.events import GaussianDpEvent, PoissonSampledDpEvent
+from conftest import tiny_bert
 from fedsb_dp.adapters import (
     SBConfig,
     find_target_modules,

@@ -196,6 +196,7 @@ class DPClient:
         *,
         noise_generator: torch.Generator,
         sampling_generator: torch.Generator,
+        dropout_seed: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> ClientUpdate:
         """Start from the global trainable state and run ``config.local_steps`` DP-SGD steps.
@@ -206,6 +207,9 @@ class DPClient:
             config: Local training settings.
             noise_generator: Source of the DP noise (OS entropy unless the run is seeded).
             sampling_generator: Source of the Poisson batch draws.
+            dropout_seed: Seed for dropout masks. Dropout draws from torch's global RNG, so the
+                round runs inside ``torch.random.fork_rng`` seeded with this value and the
+                caller's global RNG state is restored afterwards. ``None`` leaves it alone.
             on_step: Called with the step index after each logical step (progress bars).
 
         Returns:
@@ -216,6 +220,23 @@ class DPClient:
             FedSBError: If a frozen tensor changed during training.
 
         """
+        with torch.random.fork_rng(devices=[]):
+            if dropout_seed is not None:
+                torch.manual_seed(dropout_seed)
+            return self._train_round(private_model, global_state, config,
+                                     noise_generator=noise_generator,
+                                     sampling_generator=sampling_generator, on_step=on_step)
+
+    def _train_round(
+        self,
+        private_model: nn.Module,
+        global_state: Mapping[str, torch.Tensor],
+        config: LocalTrainingConfig,
+        *,
+        noise_generator: torch.Generator,
+        sampling_generator: torch.Generator,
+        on_step: Callable[[int], None] | None,
+    ) -> ClientUpdate:
         model = private_model._module if hasattr(private_model, "_module") else private_model
         set_trainable_state(model, global_state)
         model.train()

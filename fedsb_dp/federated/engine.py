@@ -365,6 +365,8 @@ def run_federation(
                                                         client_ids.index(cid)),
                     sampling_generator=setup.streams.torch("poisson", round_index,
                                                            client_ids.index(cid)),
+                    dropout_seed=setup.streams.integer("dropout", round_index,
+                                                       client_ids.index(cid)),
                     on_step=lambda _step, bar=bar: bar.update(1),
                 )
                 bar.close()

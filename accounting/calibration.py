@@ -1,0 +1,264 @@
+"""Choosing σ for a whole planned run, and the inverse questions.
+
+σ is calibrated once for everything the run will release (an optional init event plus every
+round × local steps at each client's own sampling rate), so that the max-over-clients ε meets
+the target. Calibrating per round would spend the whole target every round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from accounting.accountants import (
+    EpsilonResult,
+    _check_accountant,
+    compute_epsilon,
+    federation_epsilon_of,
+)
+from accounting.errors import AccountingError
+from accounting.events import (
+    ComposedDpEvent,
+    DpEvent,
+    GaussianDpEvent,
+    PoissonSampledDpEvent,
+    SelfComposedDpEvent,
+)
+
+SIGMA_MAX = 1e4
+
+
+@dataclass(frozen=True)
+class FederatedPlan:
+    """What each client will release in a run, before σ is known.
+
+    Attributes:
+        sampling_probabilities: Client id → q_i = expected batch / N_i, in (0, 1].
+        local_steps: DP-SGD steps per round, one number or per client.
+        rounds: Planned rounds.
+        participation: Client id → the round indices it will join (default: all rounds).
+            Only explicit rounds: there is no participation probability.
+        init_events: Client id → an already-fixed init release charged on top.
+    """
+
+    sampling_probabilities: dict[str, float]
+    local_steps: dict[str, int] | int
+    rounds: int
+    participation: dict[str, list[int]] | None = None
+    init_events: dict[str, DpEvent] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sampling_probabilities:
+            raise AccountingError("the plan must name at least one client")
+        for cid, q in self.sampling_probabilities.items():
+            if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 1:
+                raise AccountingError(f"sampling probability of {cid!r} = {q!r} must be in (0, 1]")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise AccountingError(f"rounds={self.rounds!r} must be a non-negative integer")
+        for cid in self.sampling_probabilities:
+            steps = self.steps_per_round(cid)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise AccountingError(f"local_steps of {cid!r} = {steps!r} must be an int ≥ 0")
+        unknown = set(self.init_events) - set(self.sampling_probabilities)
+        if unknown:
+            raise AccountingError(f"init_events name unknown clients {sorted(unknown)}")
+
+    def steps_per_round(self, client_id: str) -> int:
+        """K_i."""
+        if isinstance(self.local_steps, dict):
+            return self.local_steps.get(client_id, 0)
+        return self.local_steps
+
+    def rounds_joined(self, client_id: str) -> int:
+        """How many rounds the client takes part in."""
+        if self.participation is None or client_id not in self.participation:
+            return self.rounds
+        return sum(1 for r in set(self.participation[client_id]) if 0 <= r < self.rounds)
+
+    def client_event(self, client_id: str, noise_multiplier: float, *,
+                     rounds: int | None = None) -> DpEvent:
+        """Everything the plan releases about ``client_id`` at noise ``noise_multiplier``."""
+        joined = self.rounds_joined(client_id) if rounds is None else rounds
+        step = PoissonSampledDpEvent(
+            sampling_probability=self.sampling_probabilities[client_id],
+            event=GaussianDpEvent(noise_multiplier=noise_multiplier))
+        parts: list[DpEvent] = []
+        if client_id in self.init_events:
+            parts.append(self.init_events[client_id])
+        parts.append(SelfComposedDpEvent(step, self.steps_per_round(client_id) * joined))
+        return ComposedDpEvent(tuple(parts))
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """σ for a plan and what it achieves.
+
+    Attributes:
+        noise_multiplier: The smallest σ found whose ε ≤ target.
+        achieved_epsilon: max over clients of ε at that σ (≤ target).
+        accountant: Accountant that judged the target (after any fallback).
+        per_client: Client id → ε result at σ.
+    """
+
+    noise_multiplier: float
+    achieved_epsilon: float
+    accountant: str
+    per_client: dict[str, EpsilonResult]
+
+
+def _check_targets(target_epsilon: float, target_delta: float) -> None:
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, int | float) or not (
+        0 < target_epsilon < math.inf
+    ):
+        raise AccountingError(f"target_epsilon={target_epsilon!r} must be a finite number > 0")
+    if not 0 < target_delta < 1:
+        raise AccountingError(f"target_delta={target_delta!r} must be in (0, 1)")
+
+
+def calibrate(
+    epsilon_of: Callable[[float], float],
+    *,
+    target_epsilon: float,
+    tolerance: float = 1e-3,
+    sigma_start: float = 1.0,
+) -> float:
+    """Smallest σ (to ``tolerance`` relative) with ``epsilon_of(σ) ≤ target``; never above.
+
+    ``epsilon_of`` must be non-increasing in σ. The bracket grows by doubling from
+    ``sigma_start`` (up or down), then bisects on log σ; the returned σ is always one at which
+    ``epsilon_of`` was evaluated and met the target.
+
+    Raises:
+        AccountingError: If even σ = 10⁴ does not reach the target.
+    """
+    if epsilon_of(sigma_start) <= target_epsilon:
+        high, low = sigma_start, sigma_start / 2
+        while epsilon_of(low) <= target_epsilon:
+            high, low = low, low / 2
+            if low < 1e-4:
+                return high
+    else:
+        low, high = sigma_start, sigma_start * 2
+        while epsilon_of(high) > target_epsilon:
+            if high >= SIGMA_MAX:
+                raise AccountingError(
+                    f"target ε = {target_epsilon} is unreachable: even σ = {SIGMA_MAX:g} exceeds "
+                    "it. Raise the target, or reduce what the plan releases (fewer rounds or "
+                    "local steps, smaller sampling rate, a cheaper or data-free initialisation)")
+            low, high = high, high * 2
+    while high / low > 1 + tolerance:
+        middle = math.sqrt(high * low)
+        if epsilon_of(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    plan: FederatedPlan,
+    accountant: str = "prv",
+    tolerance: float = 1e-3,
+) -> CalibrationResult:
+    """σ for the whole plan so that max-over-clients ε ≤ target (never above).
+
+    Raises:
+        AccountingError: Bad targets; the init events alone already exceed the target; or the
+            target is unreachable at any σ.
+    """
+    _check_targets(target_epsilon, target_delta)
+    _check_accountant(accountant)
+    clients = list(plan.sampling_probabilities)
+    if plan.init_events:
+        init_only = federation_epsilon_of(dict(plan.init_events), delta=target_delta,
+                                          accountant=accountant)
+        if init_only.epsilon >= target_epsilon:
+            raise AccountingError(
+                f"the initialisation alone costs ε = {init_only.epsilon:.4g} ≥ target "
+                f"{target_epsilon} (client {init_only.worst_client!r}); raise the init noise "
+                "multiplier or use a data-free/public initialisation")
+
+    def worst(sigma: float) -> float:
+        return federation_epsilon_of(
+            {cid: plan.client_event(cid, sigma) for cid in clients},
+            delta=target_delta, accountant=accountant).epsilon
+
+    sigma = calibrate(worst, target_epsilon=target_epsilon, tolerance=tolerance)
+    result = federation_epsilon_of({cid: plan.client_event(cid, sigma) for cid in clients},
+                                   delta=target_delta, accountant=accountant)
+    if result.epsilon > target_epsilon:  # calibrate() guarantees this cannot happen
+        raise AccountingError(f"calibration overshot: ε = {result.epsilon} > {target_epsilon}")
+    used = result.per_client[result.worst_client].accountant
+    return CalibrationResult(sigma, result.epsilon, used, result.per_client)
+
+
+def epsilon_for_plan(*, noise_multiplier: float, target_delta: float, plan: FederatedPlan,
+                     accountant: str = "prv") -> float:
+    """max-over-clients ε of the plan at a given σ."""
+    if not noise_multiplier > 0:
+        raise AccountingError(f"noise_multiplier={noise_multiplier!r} must be > 0")
+    return federation_epsilon_of(
+        {cid: plan.client_event(cid, noise_multiplier) for cid in plan.sampling_probabilities},
+        delta=target_delta, accountant=accountant).epsilon
+
+
+def max_rounds_within_budget(
+    *,
+    noise_multiplier: float,
+    target_epsilon: float,
+    target_delta: float,
+    plan: FederatedPlan,
+    accountant: str = "prv",
+    max_rounds: int = 100_000,
+) -> int:
+    """Largest number of rounds (every client in every round) whose ε stays ≤ target.
+
+    ``plan.rounds`` is ignored; ``plan.participation`` must be ``None``.
+    """
+    _check_targets(target_epsilon, target_delta)
+    if not noise_multiplier > 0:
+        raise AccountingError(f"noise_multiplier={noise_multiplier!r} must be > 0")
+    if plan.participation is not None:
+        raise AccountingError("max_rounds_within_budget needs a plan without participation")
+
+    def eps(rounds: int) -> float:
+        return federation_epsilon_of(
+            {cid: plan.client_event(cid, noise_multiplier, rounds=rounds)
+             for cid in plan.sampling_probabilities},
+            delta=target_delta, accountant=accountant).epsilon
+
+    if eps(0) > target_epsilon:
+        return 0
+    low, high = 0, 1
+    while eps(high) <= target_epsilon:
+        low, high = high, high * 2
+        if high > max_rounds:
+            return max_rounds if eps(max_rounds) <= target_epsilon else _bisect(eps, low,
+                                                                                max_rounds,
+                                                                                target_epsilon)
+    return _bisect(eps, low, high, target_epsilon)
+
+
+def _bisect(eps: Callable[[int], float], low: int, high: int, target: float) -> int:
+    while high - low > 1:
+        middle = (low + high) // 2
+        if eps(middle) <= target:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def single_client_plan(*, sampling_probability: float, steps: int) -> FederatedPlan:
+    """A one-client plan of ``steps`` steps (centralised DP-SGD), for quick calibration."""
+    return FederatedPlan(sampling_probabilities={"client": sampling_probability},
+                         local_steps=steps, rounds=1)
+
+
+def epsilon_of_event(event: DpEvent, *, delta: float, accountant: str = "prv") -> float:
+    """Shorthand for ``compute_epsilon(event, ...).epsilon``."""
+    return compute_epsilon(event, delta=delta, accountant=accountant).epsilon
