@@ -147,12 +147,19 @@ def calibrate(
                     "it. Raise the target, or reduce what the plan releases (fewer rounds or "
                     "local steps, smaller sampling rate, a cheaper or data-free initialisation)")
             low, high = high, high * 2
-    while high / low > 1 + tolerance:
-        middle = math.sqrt(high * low)
-        if epsilon_of(middle) <= target_epsilon:
-            high = middle
-        else:
-            low = middle
+    # Brent's method on log σ finds the crossing in a handful of evaluations; the answer is
+    # then nudged up until it provably meets the target, so it can never be above it.
+    from scipy.optimize import brentq
+
+    def gap(log_sigma: float) -> float:
+        return epsilon_of(math.exp(log_sigma)) - target_epsilon
+
+    if high / low > 1 + tolerance:
+        root = brentq(gap, math.log(low), math.log(high), xtol=tolerance / 4)
+        sigma = min(math.exp(root), high)
+        while epsilon_of(sigma) > target_epsilon:
+            sigma = min(sigma * (1 + tolerance / 4), high)
+        return sigma
     return high
 
 
