@@ -38,6 +38,9 @@ OPACUS_RDP_ORDERS: tuple[float, ...] = tuple(
 DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
     sorted(set(OPACUS_RDP_ORDERS) | {64, 80, 96, 128, 192, 256, 512, 1024}))
 PLD_DISCRETIZATION = 1e-4
+# prv-accountant's grid grows with ε (its domain comes from an RDP bound); past this ε a
+# single query takes minutes, so the PLD accountant answers instead and says so.
+PRV_MAX_EPSILON = 50.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ def compute_epsilon(
         delta_error = delta / 1000 if delta_error is None else delta_error
         parameters = {"eps_error": eps_error, "delta_error": delta_error}
         try:
+            rough = float(_rdp_accountant(atoms, DEFAULT_RDP_ORDERS).get_epsilon(delta))
+            if rough > PRV_MAX_EPSILON:
+                raise OverflowError(f"RDP puts ε near {rough:.3g}, beyond PRV's practical range "
+                                    f"(> {PRV_MAX_EPSILON:g})")
             lower, estimate, upper = _prv(atoms, delta=delta, eps_error=eps_error,
                                           delta_error=delta_error)
             if not all(math.isfinite(x) for x in (lower, estimate, upper)):

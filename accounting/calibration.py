@@ -122,31 +122,32 @@ def calibrate(
     target_epsilon: float,
     tolerance: float = 1e-3,
     sigma_start: float = 1.0,
+    step: float = 2.0,
 ) -> float:
     """Smallest σ (to ``tolerance`` relative) with ``epsilon_of(σ) ≤ target``; never above.
 
-    ``epsilon_of`` must be non-increasing in σ. The bracket grows by doubling from
-    ``sigma_start`` (up or down), then bisects on log σ; the returned σ is always one at which
-    ``epsilon_of`` was evaluated and met the target.
+    ``epsilon_of`` must be non-increasing in σ. The bracket grows by factors of ``step`` from
+    ``sigma_start`` (up or down), then Brent's method closes it on log σ; the returned σ is
+    always one at which ``epsilon_of`` was evaluated and met the target.
 
     Raises:
         AccountingError: If even σ = 10⁴ does not reach the target.
     """
     if epsilon_of(sigma_start) <= target_epsilon:
-        high, low = sigma_start, sigma_start / 2
+        high, low = sigma_start, sigma_start / step
         while epsilon_of(low) <= target_epsilon:
-            high, low = low, low / 2
+            high, low = low, low / step
             if low < 1e-4:
                 return high
     else:
-        low, high = sigma_start, sigma_start * 2
+        low, high = sigma_start, sigma_start * step
         while epsilon_of(high) > target_epsilon:
             if high >= SIGMA_MAX:
                 raise AccountingError(
                     f"target ε = {target_epsilon} is unreachable: even σ = {SIGMA_MAX:g} exceeds "
                     "it. Raise the target, or reduce what the plan releases (fewer rounds or "
                     "local steps, smaller sampling rate, a cheaper or data-free initialisation)")
-            low, high = high, high * 2
+            low, high = high, high * step
     # Brent's method on log σ finds the crossing in a handful of evaluations; the answer is
     # then nudged up until it provably meets the target, so it can never be above it.
     from scipy.optimize import brentq
@@ -189,12 +190,19 @@ def calibrate_noise_multiplier(
                 f"{target_epsilon} (client {init_only.worst_client!r}); raise the init noise "
                 "multiplier or use a data-free/public initialisation")
 
-    def worst(sigma: float) -> float:
+    def worst(sigma: float, name: str = accountant) -> float:
         return federation_epsilon_of(
             {cid: plan.client_event(cid, sigma) for cid in clients},
-            delta=target_delta, accountant=accountant).epsilon
+            delta=target_delta, accountant=name).epsilon
 
-    sigma = calibrate(worst, target_epsilon=target_epsilon, tolerance=tolerance)
+    start = 1.0
+    if accountant != "rdp":
+        # RDP is fast and never below PRV/PLD, so its σ is a safe upper start: the precise
+        # accountant is then only asked about moderate ε, where it is fast too.
+        start = calibrate(lambda s: worst(s, "rdp"), target_epsilon=target_epsilon,
+                          tolerance=1e-2)
+    sigma = calibrate(worst, target_epsilon=target_epsilon, tolerance=tolerance,
+                      sigma_start=start, step=1.25 if accountant != "rdp" else 2.0)
     result = federation_epsilon_of({cid: plan.client_event(cid, sigma) for cid in clients},
                                    delta=target_delta, accountant=accountant)
     if result.epsilon > target_epsilon:  # calibrate() guarantees this cannot happen

@@ -95,6 +95,22 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def find_pooler(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """Return the (qualified name, module) of the pooler a BERT-style classifier reads, if any.
+
+    ``BertForSequenceClassification`` classifies the pooler's output (tanh of a dense layer on
+    [CLS]). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean
+    pooling, so their pooler was never trained for classification; it can be trained as part
+    of the head.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(base, "pooler", None) if base is not None else None
+    if isinstance(pooler, nn.Module) and find_head(model) is not None:
+        return f"{prefix}.pooler", pooler
+    return None
+
+
 def reset_head(model: nn.Module, *, seed: int) -> None:
     """Re-draw the task head from a seeded generator so every client starts from the same head.
 

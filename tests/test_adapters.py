@@ -28,8 +28,10 @@ from fedsb_dp.adapters import (
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, ModelStructureError
 
 
-def _adapt(model, *, rank=4, targets=("query", "value"), train_head=True, seed=0):
-    config = SBConfig(rank=rank, target_modules=targets, train_head=train_head)
+def _adapt(model, *, rank=4, targets=("query", "value"), train_head=True, seed=0,
+           train_pooler=False):
+    config = SBConfig(rank=rank, target_modules=targets, train_head=train_head,
+                      train_pooler=train_pooler)
     found = find_target_modules(model, config.target_modules, rank=rank)
     init = random_orthonormal_init(found, rank=rank, seed=seed)
     # A non-zero R so the adapter path contributes.
@@ -104,6 +106,15 @@ def test_only_r_and_head_train_chosen_by_structure():
     assert len(sb_layers(model)) == 4  # 2 layers × (query, value)
     # B and A are buffers, never parameters.
     assert not any("lora_sb" in n for n, _ in model.named_parameters())
+
+
+def test_pooler_trains_with_the_head_when_asked():
+    model = tiny_bert()
+    _adapt(model, train_pooler=True)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= names
+    with pytest.raises(ConfigError, match="train_pooler=True needs train_head=True"):
+        SBConfig(train_head=False, train_pooler=True)
 
 
 def test_merge_unmerge_restores_and_matches():
@@ -190,7 +201,9 @@ def test_peft_export_matches_outputs_on_minilm(minilm, tmp_path):
     from fedsb_dp.models import load_model
 
     model = minilm.model.eval()
-    config = _adapt(model, rank=8)
+    config = _adapt(model, rank=8, train_pooler=True)
+    with torch.no_grad():  # a trained pooler must travel with the export
+        model.bert.pooler.dense.bias.add_(0.5)
     batch = minilm.tokenizer(["a gripping, beautiful film", "dull"], padding=True,
                              return_tensors="pt")
     with torch.no_grad():

@@ -52,7 +52,7 @@ def test_private_run_end_to_end(tmp_path):
     assert metrics[-1]["epsilon"] == pytest.approx(recomputed.epsilon)
     # Uplink per client per round = R of 24 layers... here 12 targets × r² + head, as bytes.
     assert s["bytes_up"] > 0 and s["bytes_up"] == s["bytes_down"]
-    assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2
+    assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2 + 384 * 384 + 384
     assert 0.0 <= s["test_accuracy"] <= 1.0
 
 

@@ -52,7 +52,9 @@ class SBConfig:
         scaling: s, the factor in front of B R A.
         train_head: Whether the task head (classifier) is trained, and so communicated and
             noised like R.
-
+        train_pooler: Also train the pooler that a BERT-style classifier reads (part of the
+            head: communicated and noised like R). Needed when the checkpoint's pooler was
+            never trained for classification, as in sentence-embedding models.
     """
 
     rank: int = 16
@@ -60,6 +62,7 @@ class SBConfig:
     dropout: float = 0.0
     scaling: float = 1.0
     train_head: bool = True
+    train_pooler: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -75,6 +78,9 @@ class SBConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if not self.scaling > 0.0:
             raise ConfigError(f"scaling={self.scaling} must be > 0")
+        if self.train_pooler and not self.train_head:
+            raise ConfigError("train_pooler=True needs train_head=True (the pooler is part of "
+                              "the head)")
 
     def resolved_targets(self, model_type: str) -> tuple[str, ...]:
         """Targets to adapt for a model of ``model_type``."""

@@ -23,7 +23,7 @@ from fedsb_dp.adapters.inject import (
     trainable_state,
 )
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.models import find_head
+from fedsb_dp.models import find_head, find_pooler
 
 ADAPTER_WEIGHTS = "lora_sb_adapter.safetensors"
 ADAPTER_CONFIG = "lora_sb_config.json"
@@ -99,10 +99,9 @@ def save_sb_adapter(model: nn.Module, directory: str, config: SBConfig, *,
         tensors[f"{name}.B"] = layer.lora_sb_B
         tensors[f"{name}.A"] = layer.lora_sb_A
         tensors[f"{name}.R"] = layer.R.weight
-    head = find_head(model)
-    if head is not None:
-        for pname, p in head[1].named_parameters():
-            tensors[f"head.{head[0]}.{pname}"] = p
+    for name, module in head_modules(model).items():
+        for pname, p in module.named_parameters():
+            tensors[f"head.{name}.{pname}"] = p
     _atomic_save(tensors, os.path.join(directory, ADAPTER_WEIGHTS),
                  {"frozen_fingerprint": frozen_fingerprint(model)})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
@@ -130,15 +129,20 @@ def load_sb_adapter(model: nn.Module, directory: str) -> SBConfig:
         except KeyError as exc:
             raise AdapterMismatchError(f"adapter file lacks tensor {exc}") from None
     inject_adapters(model, factors, config)
-    head = find_head(model)
-    if head is not None:
-        with torch.no_grad():
-            for pname, p in head[1].named_parameters():
-                key = f"head.{head[0]}.{pname}"
+    with torch.no_grad():
+        for name, module in head_modules(model).items():
+            for pname, p in module.named_parameters():
+                key = f"head.{name}.{pname}"
                 if key not in tensors or tensors[key].shape != p.shape:
                     raise AdapterMismatchError(f"adapter file lacks or misshapes {key}")
                 p.copy_(tensors[key])
     return config
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Classifier and, for BERT-style models, the pooler it reads: saved with every adapter."""
+    found = [find_head(model), find_pooler(model)]
+    return {item[0]: item[1] for item in found if item is not None}
 
 
 def unwrap_adapters(model: nn.Module, *, merge: bool) -> nn.Module:
@@ -197,13 +201,13 @@ def export_peft_adapter(
     if len(ranks) != 1 or len(scalings) != 1:
         raise ConfigError(f"PEFT export needs one rank and scaling; found {ranks}, {scalings}")
     rank, scaling = ranks.pop(), scalings.pop()
-    head = find_head(model)
+    heads = head_modules(model)
     config = LoraConfig(
         r=rank,
         lora_alpha=scaling * rank,
         lora_dropout=0.0,
         target_modules=sorted(layers),
-        modules_to_save=[head[0]] if head is not None else None,
+        modules_to_save=sorted(heads) or None,
         task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
         init_lora_weights=False,
     )
@@ -215,8 +219,8 @@ def export_peft_adapter(
             target = peft_model.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(layer.lora_sb_A)
             target.lora_B["default"].weight.copy_(layer.lora_sb_B @ layer.R.weight)
-        if head is not None:
-            wrapper = peft_model.base_model.model.get_submodule(head[0])
-            wrapper.modules_to_save["default"].load_state_dict(head[1].state_dict())
+        for name, module in heads.items():
+            wrapper = peft_model.base_model.model.get_submodule(name)
+            wrapper.modules_to_save["default"].load_state_dict(module.state_dict())
     peft_model.peft_config["default"].base_model_name_or_path = base_model
     peft_model.save_pretrained(directory)

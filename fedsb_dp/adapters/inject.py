@@ -11,7 +11,7 @@ from torch import nn
 from fedsb_dp.adapters.config import SBConfig
 from fedsb_dp.adapters.layer import SBLinear
 from fedsb_dp.errors import AdapterMismatchError, ModelStructureError
-from fedsb_dp.models import find_head
+from fedsb_dp.models import find_head, find_pooler
 
 
 def _matches(name: str, target: str) -> bool:
@@ -106,11 +106,12 @@ def inject_adapters(
             dropout=config.dropout, scaling=config.scaling,
         )
         _set_submodule(model, name, wrapped)
-    mark_trainable(model, train_head=config.train_head)
+    mark_trainable(model, train_head=config.train_head, train_pooler=config.train_pooler)
     return sb_layers(model)
 
 
-def trainable_modules(model: nn.Module, *, train_head: bool) -> dict[str, nn.Module]:
+def trainable_modules(model: nn.Module, *, train_head: bool,
+                      train_pooler: bool = False) -> dict[str, nn.Module]:
     """The modules whose parameters train: every adapter's R, plus the head if asked."""
     modules: dict[str, nn.Module] = {f"{n}.R": layer.R for n, layer in sb_layers(model).items()}
     if train_head:
@@ -120,19 +121,25 @@ def trainable_modules(model: nn.Module, *, train_head: bool) -> dict[str, nn.Mod
                 f"train_head=True but {type(model).__name__} has no classifier/score head"
             )
         modules[head[0]] = head[1]
+    if train_pooler:
+        pooler = find_pooler(model)
+        if pooler is None:
+            raise ModelStructureError(
+                f"train_pooler=True but {type(model).__name__} has no pooler feeding its head")
+        modules[pooler[0]] = pooler[1]
     return modules
 
 
-def mark_trainable(model: nn.Module, *, train_head: bool) -> list[str]:
+def mark_trainable(model: nn.Module, *, train_head: bool, train_pooler: bool = False) -> list[str]:
     """Freeze everything, then unfreeze R (and the head) by module identity.
 
     Returns:
         Names of the trainable parameters.
-
     """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for module in trainable_modules(model, train_head=train_head).values():
+    for module in trainable_modules(model, train_head=train_head,
+                                    train_pooler=train_pooler).values():
         for parameter in module.parameters():
             parameter.requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -23,6 +23,9 @@ ACCOUNTANTS = ("prv", "pld", "rdp")
 class RunConfig:
     """Everything that defines a run. Defaults give ``fedsb-dp run --epsilon 3``.
 
+    ``train_pooler=None`` trains the pooler of BERT-style classifiers with the head when the
+    model has one (the offline MiniLM's pooler was never trained for classification).
+
     Privacy: ``epsilon`` is the target for the whole run (init + all rounds); ``None`` means a
     non-private run (σ = 0), which must be asked for with ``no_dp=True``. ``delta`` defaults to
     a value well below 1/N_total.
@@ -42,6 +45,7 @@ class RunConfig:
     rank: int = 16
     targets: tuple[str, ...] | None = None
     train_head: bool = True
+    train_pooler: bool | None = None
     adapter_dropout: float = 0.0
     model_dropout: bool = True
     init: str = "w0-svd"
