@@ -49,8 +49,8 @@ _RUN_SWITCHES: list[tuple[str, str, str]] = [
     ("--allow-large-delta", "allow_large_delta", "accept δ ≥ 1/N (flagged in every report)"),
     ("--allow-nonprivate-init", "allow_nonprivate_init", "permit --init-source nonprivate"),
     ("--frozen-head", "train_head", "do not train the classification head"),
-    ("--frozen-pooler", "train_pooler", "keep a BERT-style pooler frozen (default: trained "
-     "with the head when the model has one)"),
+    ("--train-pooler", "train_pooler", "also train a BERT-style pooler with the head (noised "
+     "and communicated like R)"),
     ("--no-model-dropout", "model_dropout", "switch off the base model's dropout"),
 ]
 
@@ -83,7 +83,7 @@ def _run_config(args: argparse.Namespace):
     for _, dest, _ in _RUN_SWITCHES:
         if getattr(args, dest):
             # Switches named after what they turn off store the negation.
-            values[dest] = dest not in ("train_head", "train_pooler", "model_dropout")
+            values[dest] = dest not in ("train_head", "model_dropout")
     if args.targets:
         values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     if args.config:

@@ -52,7 +52,7 @@ def test_private_run_end_to_end(tmp_path):
     assert metrics[-1]["epsilon"] == pytest.approx(recomputed.epsilon)
     # Uplink per client per round = R of 24 layers... here 12 targets × r² + head, as bytes.
     assert s["bytes_up"] > 0 and s["bytes_up"] == s["bytes_down"]
-    assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2 + 384 * 384 + 384
+    assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2
     assert 0.0 <= s["test_accuracy"] <= 1.0
 
 
@@ -193,3 +193,33 @@ def test_sigkill_then_resume(tmp_path):
     assert all(after[c] >= charged_before[c] for c in after)  # nothing forgotten
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["epsilon"] <= 3.0
+
+
+def test_toml_config_equals_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nepsilon = 2.0\nrank = 8\nclients = 4\ntargets = ["query"]\n')
+    from_file = RunConfig.from_toml(str(toml), out="x")
+    assert from_file == RunConfig(epsilon=2.0, rank=8, clients=4, targets=("query",), out="x")
+    toml.write_text("[run]\nepsilon = 2.0\nrnak = 8\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['rnak'\]"):
+        RunConfig.from_toml(str(toml))
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_ledger(tmp_path, monkeypatch):
+    from fedsb_dp.federated import client as client_module
+
+    real = client_module.example_losses
+    calls = {"n": 0}
+
+    def poisoned(model, batch, *, task):
+        calls["n"] += 1
+        losses = real(model, batch, task=task)
+        return losses * float("nan") if calls["n"] > 7 else losses
+
+    monkeypatch.setattr(client_module, "example_losses", poisoned)
+    result = run_federation(_config(tmp_path), progress=False)
+    assert result.status == "stopped-nonfinite"
+    assert "non-finite loss" in result.summary["message"]
+    ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
+    assert ledger.pending  # the interrupted round stays charged
+    assert result.summary["rounds_completed"] == 1

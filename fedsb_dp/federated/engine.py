@@ -65,7 +65,7 @@ from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.federated.partition import client_frames, iid_partition
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
-from fedsb_dp.models import find_pooler, load_model
+from fedsb_dp.models import load_model
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -146,13 +146,10 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
     )
 
 
-def _sb_config(config: RunConfig, model: torch.nn.Module) -> SBConfig:
-    train_pooler = config.train_pooler
-    if train_pooler is None:
-        train_pooler = config.train_head and find_pooler(model) is not None
+def _sb_config(config: RunConfig) -> SBConfig:
     return SBConfig(rank=config.rank, target_modules=config.targets,
                     dropout=config.adapter_dropout, train_head=config.train_head,
-                    train_pooler=train_pooler)
+                    train_pooler=config.train_pooler)
 
 
 def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
@@ -292,7 +289,7 @@ def run_federation(
         partition_seed = streams.integer("partition")
         setup = _prepare(config, partition_seed=partition_seed)
         model = setup.loaded.model
-        sb = _sb_config(config, model)
+        sb = _sb_config(config)
         # Rank against every target before any privacy work.
         find_target_modules(model, sb.resolved_targets(model.config.model_type), rank=config.rank)
         if config.private:
