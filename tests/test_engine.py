@@ -223,3 +223,24 @@ def test_nan_loss_stops_cleanly_and_keeps_the_ledger(tmp_path, monkeypatch):
     ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
     assert ledger.pending  # the interrupted round stays charged
     assert result.summary["rounds_completed"] == 1
+
+
+def test_client_level_mode_accounting(tmp_path):
+    config = _config(tmp_path, dp_level="client", epsilon=20.0, rounds=2, participation=1.0)
+    result = run_federation(config, progress=False)
+    assert result.status == "completed"
+    ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
+    assert ledger.unit == "client" and ledger.clients == ["federation"]
+    assert ledger.steps("federation") == 2  # one Gaussian release per round
+    from accounting import GaussianDpEvent, SelfComposedDpEvent, compute_epsilon
+
+    z = result.summary["noise_multiplier"]
+    expected = compute_epsilon(SelfComposedDpEvent(GaussianDpEvent(z), 2),
+                               delta=result.summary["privacy"]["delta"])
+    assert result.summary["privacy"]["epsilon"] == expected.epsilon <= 20.0
+    assert result.summary["privacy"]["delta"] < 1 / 3  # below 1/#clients
+
+
+def test_client_level_refuses_record_level_init(tmp_path):
+    with pytest.raises(ConfigError, match="dp_level='client'"):
+        _config(tmp_path, dp_level="client", init="gradient-svd", init_source="dp")

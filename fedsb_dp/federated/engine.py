@@ -38,7 +38,7 @@ from accounting import (
     default_delta,
     federation_epsilon,
 )
-from accounting.events import NonPrivateDpEvent
+from accounting.events import GaussianDpEvent, NonPrivateDpEvent, PoissonSampledDpEvent
 from fedsb_dp.adapters import (
     SBConfig,
     find_target_modules,
@@ -61,6 +61,7 @@ from fedsb_dp.federated.client import (
     NonFiniteLossError,
     sampling_probability,
 )
+from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
 from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.federated.partition import client_frames, iid_partition
 from fedsb_dp.federated.run_config import RunConfig
@@ -71,6 +72,7 @@ from fedsb_dp.rng import RandomStreams
 logger = logging.getLogger(__name__)
 
 TASK = "sequence-classification"
+FEDERATION = "federation"  # the single ledger key of client-level accounting
 
 
 @dataclass
@@ -115,11 +117,11 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
     parts = iid_partition(len(data.train), num_clients=config.clients, seed=partition_seed)
     frames = client_frames(data.train, parts)
     n_total = len(data.train)
+    # δ is judged against the number of protected units: records, or clients.
+    units = n_total if config.dp_level == "example" else config.clients
+    delta = config.delta if config.delta is not None else default_delta(units)
     if config.private:
-        delta = config.delta if config.delta is not None else default_delta(n_total)
-        check_delta(delta, n_total=n_total, allow_large=config.allow_large_delta)
-    else:
-        delta = config.delta if config.delta is not None else default_delta(n_total)
+        check_delta(delta, n_total=units, allow_large=config.allow_large_delta)
     for frame in frames.values():
         sampling_probability(config.batch_size, len(frame))  # raises with a clear message
     loaded = load_model(config.model, task=TASK, num_labels=data.num_labels)
@@ -154,8 +156,6 @@ def _sb_config(config: RunConfig) -> SBConfig:
 
 def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
     """The init release each client is charged for (empty when the init reads no record)."""
-    from accounting.events import GaussianDpEvent
-
     if config.init != "gradient-svd" or config.init_source == "public":
         return {}
     if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
@@ -174,7 +174,18 @@ def _participants(config: RunConfig, streams: RandomStreams, round_index: int,
     return [client_ids[i] for i in sorted(chosen)]
 
 
+def _round_event(config: RunConfig, noise_multiplier: float) -> Any:
+    """Client-level: one round over the client population (Poisson cohort of rate p)."""
+    gaussian = GaussianDpEvent(noise_multiplier=noise_multiplier)
+    if config.participation >= 1:
+        return gaussian
+    return PoissonSampledDpEvent(sampling_probability=config.participation, event=gaussian)
+
+
 def _plan(config: RunConfig, setup: _Setup) -> FederatedPlan:
+    if config.dp_level == "client":
+        return FederatedPlan(sampling_probabilities={FEDERATION: config.participation},
+                             local_steps=1, rounds=config.rounds)
     return FederatedPlan(
         sampling_probabilities={
             cid: sampling_probability(config.batch_size, c.num_records)
@@ -305,15 +316,19 @@ def run_federation(
                                                  "digest": config.digest()})
         rd.write_json_atomic(paths[rd.PROVENANCE],
                              rd.provenance(config.digest(), seeded=setup.streams.seeded))
+        client_level = config.dp_level == "client"
         ledger = PrivacyLedger(
-            unit="example",
-            dataset_sizes={cid: c.num_records for cid, c in setup.clients.items()},
+            unit=config.dp_level,
+            dataset_sizes=({FEDERATION: config.clients} if client_level else
+                           {cid: c.num_records for cid, c in setup.clients.items()}),
             target_epsilon=config.epsilon, target_delta=setup.delta,
             allow_large_delta=config.allow_large_delta,
             metadata={"seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
                       "noise_is_release": not setup.streams.seeded,
                       "sampling": "poisson", "noise_multiplier": sigma,
-                      "max_grad_norm": config.max_grad_norm, "method": "fed-sb"},
+                      "max_grad_norm": config.max_grad_norm, "method": "fed-sb",
+                      "dp_level": config.dp_level,
+                      **({"client_clip_norm": config.client_clip_norm} if client_level else {})},
         )
         ledger.save(paths[rd.LEDGER])
         _initialise(setup, sb, ledger, paths[rd.LEDGER])
@@ -330,7 +345,9 @@ def run_federation(
 
     model = setup.loaded.model
     client_ids = list(setup.clients)
-    local = _local_config(config, sigma)
+    client_level = config.dp_level == "client"
+    # Client-level: clients train without local noise; the server clips and noises.
+    local = _local_config(config, 0.0 if client_level else sigma)
     guard = BudgetGuard(ledger, target_epsilon=config.epsilon if config.private else math.inf,
                         delta=setup.delta, accountant=config.accountant)
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -342,12 +359,18 @@ def run_federation(
             if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds:
                 status = "interrupted"
                 break
-            participants = _participants(config, setup.streams, round_index, client_ids)
-            step_events = {
-                cid: (local.step_event(setup.clients[cid].num_records)
-                      if config.private else NonPrivateDpEvent(), config.local_steps)
-                for cid in participants
-            }
+            if client_level:
+                participants = poisson_cohort(client_ids, config.participation,
+                                              setup.streams.torch("cohort", round_index))
+                step_events = {FEDERATION: (_round_event(config, sigma)
+                                            if config.private else NonPrivateDpEvent(), 1)}
+            else:
+                participants = _participants(config, setup.streams, round_index, client_ids)
+                step_events = {
+                    cid: (local.step_event(setup.clients[cid].num_records)
+                          if config.private else NonPrivateDpEvent(), config.local_steps)
+                    for cid in participants
+                }
             try:
                 token = guard.reserve_round(step_events, round_index=round_index)
             except BudgetExceededError as exc:
@@ -375,7 +398,14 @@ def run_federation(
                                 fingerprint=state["fingerprint"],
                                 expected_steps=config.local_steps)
                 updates.append(update)
-            aggregated = weighted_mean([u.state for u in updates])
+            if client_level:
+                aggregated = clipped_noisy_mean(
+                    global_state, [u.state for u in updates],
+                    clip_norm=config.client_clip_norm, noise_multiplier=sigma,
+                    denominator=config.participation * len(client_ids),
+                    generator=setup.streams.torch("server-noise", round_index))
+            else:
+                aggregated = weighted_mean([u.state for u in updates])
             set_trainable_state(model, aggregated)
             guard.commit(token)
             ledger.save(paths[rd.LEDGER])
@@ -429,6 +459,7 @@ def run_federation(
         "test_loss": test_metrics["loss"], "test_examples": test_metrics["examples"],
         "rounds_completed": state["completed_rounds"], "rounds_planned": config.rounds,
         "noise_multiplier": sigma, "privacy": eps, "target_epsilon": config.epsilon,
+        "privacy_unit": config.dp_level,
         "bytes_setup": state["bytes_setup"], "bytes_up": state["bytes_up"],
         "bytes_down": state["bytes_down"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

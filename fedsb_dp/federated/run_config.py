@@ -16,6 +16,7 @@ from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.models import DEFAULT_MODEL
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
+DP_LEVELS = ("example", "client")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class RunConfig:
     no_dp: bool = False
     allow_large_delta: bool = False
     accountant: str = "prv"
+    dp_level: str = "example"
     max_grad_norm: float = 0.1
+    client_clip_norm: float = 0.05
     # model and adapters
     model: str = DEFAULT_MODEL
     rank: int = 16
@@ -90,6 +93,7 @@ class RunConfig:
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"delta={self.delta} must be in (0, 1)")
         self._choice("accountant", ACCOUNTANTS)
+        self._choice("dp_level", DP_LEVELS)
         self._choice("init", INIT_METHODS)
         self._choice("init_source", GRADIENT_SOURCES)
         self._choice("optimizer", OPTIMIZERS)
@@ -98,7 +102,7 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("max_grad_norm", "learning_rate", "init_clip_norm",
+        for name in ("max_grad_norm", "client_clip_norm", "learning_rate", "init_clip_norm",
                      "init_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
@@ -121,6 +125,14 @@ class RunConfig:
                 "init_source='nonprivate' reads raw private gradients (ε = ∞); add "
                 "--allow-nonprivate-init to do it anyway, or use --init-source dp"
             )
+
+        if self.dp_level == "client" and self.init == "gradient-svd" and (
+            self.init_source != "public"
+        ):
+            raise ConfigError(
+                "dp_level='client' accounts whole clients; a gradient-svd init on client data "
+                "is a record-level release. Use --init w0-svd, random-orthonormal, or "
+                "--init-source public")
 
     def _choice(self, name: str, options: tuple[str, ...]) -> None:
         if getattr(self, name) not in options:
