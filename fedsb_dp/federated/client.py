@@ -223,60 +223,46 @@ class DPClient:
         with torch.random.fork_rng(devices=[]):
             if dropout_seed is not None:
                 torch.manual_seed(dropout_seed)
-            return self._train_round(private_model, global_state, config,
-                                     noise_generator=noise_generator,
-                                     sampling_generator=sampling_generator, on_step=on_step)
-
-    def _train_round(
-        self,
-        private_model: nn.Module,
-        global_state: Mapping[str, torch.Tensor],
-        config: LocalTrainingConfig,
-        *,
-        noise_generator: torch.Generator,
-        sampling_generator: torch.Generator,
-        on_step: Callable[[int], None] | None,
-    ) -> ClientUpdate:
-        model = private_model._module if hasattr(private_model, "_module") else private_model
-        set_trainable_state(model, global_state)
-        model.train()
-        before = frozen_digest(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = self._optimizer(params, config, noise_generator)
-        q = sampling_probability(config.expected_batch_size, self.num_records)
-        steps = 0
-        for step in range(config.local_steps):
-            indices = _poisson_indices(self.num_records, q, sampling_generator)
-            chunks = list(torch.split(indices, config.max_physical_batch_size)) or [indices]
-            for position, chunk in enumerate(chunks):
-                if len(chunk) == 0:
-                    # Empty Poisson batch: the step still happens, releasing noise only.
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                else:
-                    batch = self.collate([self.dataset[int(i)] for i in chunk])
-                    losses = example_losses(private_model, batch, task=self.task)
-                    if not torch.isfinite(losses).all():
-                        optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteLossError(
-                            f"client {self.client_id!r}: non-finite loss at local step {step}"
-                        )
-                    losses.mean().backward()
-                optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            if on_step is not None:
-                on_step(step)
-        if frozen_digest(model) != before:
-            raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
-        state = trainable_state(model)
-        if all(torch.equal(state[k], global_state[k]) for k in state):
-            raise FedSBError(f"client {self.client_id!r}: no trainable tensor moved this round")
-        return ClientUpdate(
-            client_id=self.client_id,
-            state=state,
-            steps=steps,
-            event=config.step_event(self.num_records),
-            fingerprint=frozen_fingerprint(model),
-        )
+            model = private_model._module if hasattr(private_model, "_module") else private_model
+            set_trainable_state(model, global_state)
+            model.train()
+            before = frozen_digest(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = self._optimizer(params, config, noise_generator)
+            q = sampling_probability(config.expected_batch_size, self.num_records)
+            steps = 0
+            for step in range(config.local_steps):
+                indices = _poisson_indices(self.num_records, q, sampling_generator)
+                chunks = list(torch.split(indices, config.max_physical_batch_size)) or [indices]
+                for position, chunk in enumerate(chunks):
+                    if len(chunk) == 0:
+                        # Empty Poisson batch: the step still happens, releasing noise only.
+                        for p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    else:
+                        batch = self.collate([self.dataset[int(i)] for i in chunk])
+                        losses = example_losses(private_model, batch, task=self.task)
+                        if not torch.isfinite(losses).all():
+                            optimizer.zero_grad(set_to_none=True)
+                            raise NonFiniteLossError(
+                                f"client {self.client_id!r}: non-finite loss at local step {step}"
+                            )
+                        losses.mean().backward()
+                    optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                if on_step is not None:
+                    on_step(step)
+            if frozen_digest(model) != before:
+                raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
+            state = trainable_state(model)
+            if all(torch.equal(state[k], global_state[k]) for k in state):
+                raise FedSBError(f"client {self.client_id!r}: no trainable tensor moved this round")
+            return ClientUpdate(
+                client_id=self.client_id,
+                state=state,
+                steps=steps,
+                event=config.step_event(self.num_records),
+                fingerprint=frozen_fingerprint(model),
+            )
