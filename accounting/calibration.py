@@ -209,10 +209,22 @@ def calibrate_noise_multiplier(
                       step=1.25 if accountant != "rdp" else 2.0)
     result = federation_epsilon_of({cid: plan.client_event(cid, sigma) for cid in clients},
                                    delta=target_delta, accountant=accountant)
+    failing = None
     while result.epsilon > target_epsilon:
-        sigma *= 1 + max(tolerance, 2 * (result.epsilon - target_epsilon) / target_epsilon)
+        failing = sigma
+        # ε falls roughly in proportion to σ here, so the relative excess is the step needed.
+        sigma *= 1 + 1.1 * (result.epsilon - target_epsilon) / target_epsilon + tolerance / 4
         result = federation_epsilon_of({cid: plan.client_event(cid, sigma) for cid in clients},
                                        delta=target_delta, accountant=accountant)
+    if failing is not None and sigma / failing > 1 + tolerance:
+        # Close the remaining gap with the judging accountant itself (never above target).
+        refined = calibrate(worst, target_epsilon=target_epsilon, tolerance=tolerance,
+                            sigma_start=sigma, step=sigma / failing)
+        if refined < sigma:
+            sigma = refined
+            result = federation_epsilon_of(
+                {cid: plan.client_event(cid, sigma) for cid in clients},
+                delta=target_delta, accountant=accountant)
     if result.epsilon > target_epsilon:  # calibrate() guarantees this cannot happen
         raise AccountingError(f"calibration overshot: ε = {result.epsilon} > {target_epsilon}")
     used = result.per_client[result.worst_client].accountant
