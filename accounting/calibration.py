@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from accounting.accountants import (
     EpsilonResult,
     _check_accountant,
-    compute_epsilon,
     federation_epsilon_of,
 )
 from accounting.errors import AccountingError
@@ -286,14 +285,3 @@ def _bisect(eps: Callable[[int], float], low: int, high: int, target: float) -> 
         else:
             high = middle
     return low
-
-
-def single_client_plan(*, sampling_probability: float, steps: int) -> FederatedPlan:
-    """A one-client plan of ``steps`` steps (centralised DP-SGD), for quick calibration."""
-    return FederatedPlan(sampling_probabilities={"client": sampling_probability},
-                         local_steps=steps, rounds=1)
-
-
-def epsilon_of_event(event: DpEvent, *, delta: float, accountant: str = "prv") -> float:
-    """Shorthand for ``compute_epsilon(event, ...).epsilon``."""
-    return compute_epsilon(event, delta=delta, accountant=accountant).epsilon

@@ -296,6 +296,7 @@ def run_federation(
             set_trainable_state(setup.loaded.model, load_file(paths[rd.CHECKPOINT]))
         sigma = state["noise_multiplier"]
     else:
+        rd.check_new_run_dir(out)  # fail fast, before loading anything
         streams = RandomStreams(config.seed)
         partition_seed = streams.integer("partition")
         setup = _prepare(config, partition_seed=partition_seed)

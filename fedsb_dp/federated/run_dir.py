@@ -62,20 +62,6 @@ def append_jsonl(path: str, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Read every complete line of a JSON-lines file (a torn last line is ignored)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
 def default_run_dir(base: str = "runs") -> str:
     """A fresh timestamped directory name under ``base``."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -87,18 +73,22 @@ def default_run_dir(base: str = "runs") -> str:
     return candidate
 
 
-def claim_new_run_dir(path: str) -> None:
-    """Create ``path`` for a new run; refuse to touch a directory that already holds files.
+def check_new_run_dir(path: str) -> None:
+    """Refuse a run directory that already holds files (checked before any work starts).
 
     Raises:
         ConfigError: If ``path`` exists and is not empty (resume it with ``--resume`` instead).
-
     """
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise ConfigError(
             f"run directory {path!r} already exists and is not empty; nothing was overwritten. "
             "Use --resume to continue it, or choose another --out"
         )
+
+
+def claim_new_run_dir(path: str) -> None:
+    """Create ``path`` for a new run, re-checking that it is still free."""
+    check_new_run_dir(path)
     os.makedirs(path, exist_ok=True)
 
 

@@ -6,7 +6,6 @@ clients hold bit-identical B and A, which is checked on every reply.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -92,9 +91,3 @@ def weighted_mean(
             accumulator += (weight / total) * state[key].to(torch.float64)
         out[key] = accumulator.to(states[0][key].dtype)
     return out
-
-
-def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise a state to safetensors bytes (for checkpoints and transport)."""
-    buffer = io.BytesIO(save({k: v.detach().contiguous() for k, v in state.items()}))
-    return buffer.getvalue()
