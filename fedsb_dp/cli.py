@@ -21,8 +21,13 @@ _RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dp-level", "dp_level", str, "example (record-level, default) or client (whole clients: "
      "server clips each update and adds noise; needs many clients)"),
     ("--client-clip", "client_clip_norm", float, "client-level: clip norm S of one update"),
+    ("--method", "method", str, "fedsb (default), fedit, ffa-lora, fedex-lora, flora, "
+     "central-lora or central-sb (pooled-data references)"),
+    ("--partition", "partition", str, "iid (default), dirichlet:<alpha> (label skew) or "
+     "quantity:<beta> (size skew)"),
     ("--model", "model", str, "hub id, local directory, or 'minilm' (offline default)"),
-    ("--rank", "rank", int, "r, side of the trained r×r matrix"),
+    ("--rank", "rank", int, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)"),
+    ("--lora-scaling", "lora_scaling", float, "s = alpha / r of the LoRA baselines"),
     ("--init", "init", str, "w0-svd (default), random-orthonormal or gradient-svd"),
     ("--init-source", "init_source", str, "gradient-svd data: dp (default), public, nonprivate"),
     ("--init-examples", "init_examples", int, "records per client for gradient-svd"),
@@ -67,6 +72,8 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="TOML file with run settings (flags override it)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     parser.add_argument("--targets", help="comma-separated target modules (default per model)")
+    parser.add_argument("--client-ranks", help="Fed-SB with rank-heterogeneous clients: one "
+                        "rank ≤ --rank per client, comma-separated")
     parser.add_argument("--export-merged", action="store_true", help="also save a merged model")
     parser.add_argument("--export-peft", action="store_true", help="also save a PEFT adapter")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -90,6 +97,12 @@ def _run_config(args: argparse.Namespace):
             values[dest] = dest not in ("train_head", "model_dropout")
     if args.targets:
         values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.client_ranks:
+        try:
+            values["client_ranks"] = tuple(int(r) for r in args.client_ranks.split(","))
+        except ValueError:
+            raise ValueError(f"--client-ranks {args.client_ranks!r} must be comma-separated "
+                             "integers, one per client") from None
     if args.config:
         return RunConfig.from_toml(args.config, **values)
     return RunConfig.from_dict(values)
@@ -108,6 +121,7 @@ def _print_summary(result) -> None:
     privacy = s["privacy"]
     print()
     print(f"Run {result.status}: {result.run_dir}")
+    print(f"  method          {s.get('method', 'fedsb')}, partition {s.get('partition', 'iid')}")
     if s.get("message"):
         print(f"  note: {s['message']}")
     print(f"  test accuracy   {s['test_accuracy']:.4f}   macro-F1 {s['test_macro_f1']:.4f}"
@@ -163,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     register(subparsers)
+    from fedsb_dp.comm import register as register_comm
+
+    register_comm(subparsers)
     return parser
 
 

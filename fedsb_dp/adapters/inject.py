@@ -154,12 +154,20 @@ def frozen_fingerprint(model: nn.Module) -> str:
     """SHA-256 over every adapter's B and A and every frozen head tensor.
 
     Fed-SB is exact only if every client holds bit-identical B and A; the server compares this
-    hash with each client's.
+    hash with each client's. For the LoRA baselines it covers the frozen factors (FFA-LoRA's A)
+    and the adapted layers' base weights, which FedEx-LoRA and FLoRA change every round.
     """
+    from fedsb_dp.adapters.lora import lora_layers
+
     digest = hashlib.sha256()
     tensors: list[tuple[str, torch.Tensor]] = []
     for name, layer in sb_layers(model).items():
         tensors += [(f"{name}.B", layer.lora_sb_B), (f"{name}.A", layer.lora_sb_A)]
+    for name, layer in lora_layers(model).items():
+        tensors.append((f"{name}.base", layer.base_layer.weight))
+        tensors += [(f"{name}.{part}", getattr(layer, part).weight)
+                    for part in ("lora_A", "lora_B")
+                    if not getattr(layer, part).weight.requires_grad]
     head = find_head(model)
     if head is not None:
         tensors += [

@@ -59,6 +59,8 @@ class SBLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = float(scaling)
         self.merged = False
+        # Rank-heterogeneous clients use only the leading directions; None means all r.
+        self.active_rank: int | None = None
 
     @property
     def rank(self) -> int:
@@ -67,14 +69,24 @@ class SBLinear(nn.Module):
 
     def get_delta_weight(self) -> torch.Tensor:
         """ΔW = s·B R A, shaped like the base weight (out × in)."""
-        return self.scaling * (self.lora_sb_B @ self.R.weight @ self.lora_sb_A)
+        k = self.rank if self.active_rank is None else self.active_rank
+        return self.scaling * (self.lora_sb_B[:, :k] @ self.R.weight[:k, :k]
+                               @ self.lora_sb_A[:k])
+
+    def _mask(self, h: torch.Tensor) -> torch.Tensor:
+        if self.active_rank is None or self.active_rank == self.rank:
+            return h
+        # Zeroing the input and output coordinates beyond k makes R's per-example gradients
+        # vanish outside the leading k×k block, so only that block learns.
+        keep = torch.arange(self.rank, device=h.device) < self.active_rank
+        return h * keep.to(h.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the base layer plus the adapter path (skipped once merged)."""
         y = self.base_layer(x)
         if self.merged:
             return y
-        h = self.R(F.linear(self.dropout(x), self.lora_sb_A))
+        h = self._mask(self.R(self._mask(F.linear(self.dropout(x), self.lora_sb_A))))
         return y + self.scaling * F.linear(h, self.lora_sb_B)
 
     @torch.no_grad()

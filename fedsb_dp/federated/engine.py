@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from safetensors.torch import load_file, save_file
@@ -63,9 +64,16 @@ from fedsb_dp.federated.client import (
 )
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
 from fedsb_dp.federated.evaluation import evaluate_classifier
-from fedsb_dp.federated.partition import client_frames, iid_partition
+from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
 from fedsb_dp.federated.run_config import RunConfig
-from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
+from fedsb_dp.federated.server import payload_bytes, validate_update
+from fedsb_dp.methods import FederatedMethod, method_class, set_active_rank, truncate_state
+from fedsb_dp.methods.state import (
+    BASE_SUFFIX,
+    adapted_base_weights,
+    load_tensors,
+    lora_adapter_tensors,
+)
 from fedsb_dp.models import load_model
 from fedsb_dp.rng import RandomStreams
 
@@ -73,6 +81,9 @@ logger = logging.getLogger(__name__)
 
 TASK = "sequence-classification"
 FEDERATION = "federation"  # the single ledger key of client-level accounting
+CENTRAL = "central"  # the single client of the centralised references
+LORA_ADAPTER = "lora_adapter.safetensors"
+PARTITION = "partition.json"
 
 
 @dataclass
@@ -104,6 +115,7 @@ class _Setup:
     n_total: int
     num_labels: int
     label_names: tuple[str, ...]
+    partition: dict[str, Any]
 
 
 def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
@@ -114,11 +126,22 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
         text_pair_column=config.text_pair_column, label_column=config.label_column,
         max_train_records=config.max_train_records,
     )
-    parts = iid_partition(len(data.train), num_clients=config.clients, seed=partition_seed)
+    labels = data.train["label"].to_numpy()
+    if config.method_is_central:
+        parts = [np.arange(len(data.train))]
+    else:
+        # Non-IID splits must leave every client a full expected batch (q ≤ 1).
+        parts = partition_records(
+            labels, config.partition, num_clients=config.clients, seed=partition_seed,
+            min_records=1 if config.partition == "iid" else config.batch_size)
     frames = client_frames(data.train, parts)
+    if config.method_is_central:
+        frames = {CENTRAL: frames["client-0"]}
+    report = dict(zip(frames, partition_report(labels, parts, data.label_names).values(),
+                      strict=True))
     n_total = len(data.train)
     # δ is judged against the number of protected units: records, or clients.
-    units = n_total if config.dp_level == "example" else config.clients
+    units = n_total if config.dp_level == "example" else len(frames)
     delta = config.delta if config.delta is not None else default_delta(units)
     if config.private:
         check_delta(delta, n_total=units, allow_large=config.allow_large_delta)
@@ -145,6 +168,8 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
         test=TokenizedDataset(test, loaded.tokenizer, max_length=config.max_length),
         collate=collate, loaded=loaded, delta=delta, n_total=n_total,
         num_labels=data.num_labels, label_names=data.label_names,
+        partition={"spec": "pooled" if config.method_is_central else config.partition,
+                   "seed": partition_seed, "clients": report},
     )
 
 
@@ -154,8 +179,17 @@ def _sb_config(config: RunConfig) -> SBConfig:
                     train_pooler=config.train_pooler)
 
 
+def _method(config: RunConfig) -> FederatedMethod:
+    cls, _ = method_class(config.method)
+    scaling = 1.0 if cls.adapter == "lora-sb" else config.lora_scaling
+    return cls(rank=config.rank, scaling=scaling, dropout=config.adapter_dropout,
+               train_head=config.train_head, train_pooler=config.train_pooler)
+
+
 def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
     """The init release each client is charged for (empty when the init reads no record)."""
+    if method_class(config.method)[0].adapter != "lora-sb":
+        return {}  # LoRA baselines start from data-free random A and B = 0
     if config.init != "gradient-svd" or config.init_source == "public":
         return {}
     if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
@@ -197,12 +231,16 @@ def _plan(config: RunConfig, setup: _Setup) -> FederatedPlan:
     )
 
 
-def _initialise(setup: _Setup, sb: SBConfig, ledger: PrivacyLedger, ledger_path: str) -> None:
+def _initialise(setup: _Setup, sb: SBConfig, method: FederatedMethod, ledger: PrivacyLedger,
+                ledger_path: str) -> None:
     """Compute the agreed factors and inject them; a data-dependent init is ledgered first."""
     config = setup.config
     model = setup.loaded.model
     targets = find_target_modules(model, sb.resolved_targets(model.config.model_type),
                                   rank=config.rank)
+    if method.adapter == "lora":
+        method.inject(model, targets, generator=setup.streams.torch("lora-init"))
+        return
     if config.init == "w0-svd":
         result = w0_svd_init(targets, rank=config.rank)
     elif config.init == "random-orthonormal":
@@ -250,6 +288,60 @@ def _epsilon_report(ledger_path: str, delta: float, accountant: str) -> dict[str
     }
 
 
+def _checkpoint(model: torch.nn.Module, method: FederatedMethod) -> dict[str, torch.Tensor]:
+    """The global state after a round: trainable tensors, plus folded base weights if any."""
+    tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
+    if method.name in ("fedex-lora", "flora"):
+        tensors.update(adapted_base_weights(model))
+    return tensors
+
+
+def _restore(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    base = {k: v for k, v in tensors.items() if k.endswith(BASE_SUFFIX)}
+    load_tensors(model, base)
+    set_trainable_state(model, {k: v for k, v in tensors.items() if k not in base})
+
+
+def _save_adapter(model: torch.nn.Module, method: FederatedMethod, directory: str,
+                  sb: SBConfig, base_model: str) -> None:
+    if method.adapter == "lora-sb":
+        save_sb_adapter(model, directory, sb, base_model=base_model)
+        return
+    os.makedirs(directory, exist_ok=True)
+    tensors = lora_adapter_tensors(model)
+    if method.name in ("fedex-lora", "flora"):
+        tensors.update(adapted_base_weights(model))
+    save_file(tensors, os.path.join(directory, LORA_ADAPTER) + ".tmp",
+              metadata={"method": method.name, "base_model": base_model,
+                        "frozen_fingerprint": frozen_fingerprint(model)})
+    os.replace(os.path.join(directory, LORA_ADAPTER) + ".tmp",
+               os.path.join(directory, LORA_ADAPTER))
+
+
+def _load_adapter(setup: _Setup, method: FederatedMethod, sb: SBConfig,
+                  directory: str) -> SBConfig:
+    model = setup.loaded.model
+    if method.adapter == "lora-sb":
+        return load_sb_adapter(model, directory)
+    targets = find_target_modules(model, sb.resolved_targets(model.config.model_type),
+                                  rank=sb.rank)
+    method.inject(model, targets, generator=torch.Generator().manual_seed(0))
+    # Every saved tensor, frozen ones included (FFA-LoRA's A, a frozen pooler).
+    load_tensors(model, load_file(os.path.join(directory, LORA_ADAPTER)))
+    return sb
+
+
+def _client_rank(config: RunConfig, client_ids: list[str], cid: str) -> int | None:
+    if config.client_ranks is None:
+        return None
+    return config.client_ranks[client_ids.index(cid)]
+
+
+def _sent(tensors: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
+    """What actually travels to or from a client of the given rank."""
+    return tensors if rank is None else truncate_state(tensors, rank)
+
+
 def run_federation(
     config: RunConfig,
     *,
@@ -259,14 +351,14 @@ def run_federation(
     progress: bool = True,
     stop_after_rounds: int | None = None,
 ) -> RunResult:
-    """Run (or resume) a private federated Fed-SB fine-tuning.
+    """Run (or resume) a private federated fine-tuning with any method (Fed-SB by default).
 
     Args:
         config: The settings (for ``resume``, ``config.out`` names the run to continue and
             the saved settings are used).
         resume: Continue the run in ``config.out`` from its last completed round.
-        export_merged: Also save a merged ``transformers`` model.
-        export_peft: Also save a PEFT LoRA adapter.
+        export_merged: Also save a merged ``transformers`` model (Fed-SB only).
+        export_peft: Also save a PEFT LoRA adapter (Fed-SB only).
         progress: Show progress bars.
         stop_after_rounds: Stop (as if killed) after this many rounds in this call; for tests.
 
@@ -278,9 +370,12 @@ def run_federation(
 
     started = time.time()
     out = config.out or rd.default_run_dir()
+    if (export_merged or export_peft) and config.method not in ("fedsb", "central-sb"):
+        raise ConfigError(f"--export-merged/--export-peft are implemented for Fed-SB runs, not "
+                          f"method={config.method!r}")
     paths = {name: os.path.join(out, name) for name in (
         rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROGRESS, rd.PROVENANCE, rd.INIT_ADAPTER,
-        rd.CHECKPOINT, rd.FINAL_ADAPTER, rd.SUMMARY)}
+        rd.CHECKPOINT, rd.FINAL_ADAPTER, rd.SUMMARY, PARTITION)}
     if resume:
         if not os.path.exists(paths[rd.PROGRESS]):
             raise ConfigError(f"{out!r} is not a resumable run directory (no {rd.PROGRESS})")
@@ -288,12 +383,13 @@ def run_federation(
         config = RunConfig.from_dict({**config.to_dict(), "out": out})
         state = rd.read_json(paths[rd.PROGRESS])
         setup = _prepare(config, partition_seed=state["partition_seed"])
-        sb = load_sb_adapter(setup.loaded.model, paths[rd.INIT_ADAPTER])
-        if frozen_fingerprint(setup.loaded.model) != state["fingerprint"]:
-            raise FedSBError(f"{out}: saved init adapter does not match its recorded fingerprint")
-        ledger = PrivacyLedger.load(paths[rd.LEDGER])
+        method = _method(config)
+        sb = _load_adapter(setup, method, _sb_config(config), paths[rd.INIT_ADAPTER])
         if state["completed_rounds"] > 0:
-            set_trainable_state(setup.loaded.model, load_file(paths[rd.CHECKPOINT]))
+            _restore(setup.loaded.model, load_file(paths[rd.CHECKPOINT]))
+        if frozen_fingerprint(setup.loaded.model) != state["fingerprint"]:
+            raise FedSBError(f"{out}: saved adapter does not match its recorded fingerprint")
+        ledger = PrivacyLedger.load(paths[rd.LEDGER])
         sigma = state["noise_multiplier"]
     else:
         rd.check_new_run_dir(out)  # fail fast, before loading anything
@@ -302,6 +398,7 @@ def run_federation(
         setup = _prepare(config, partition_seed=partition_seed)
         model = setup.loaded.model
         sb = _sb_config(config)
+        method = _method(config)
         # Rank against every target before any privacy work.
         find_target_modules(model, sb.resolved_targets(model.config.model_type), rank=config.rank)
         if config.private:
@@ -317,6 +414,7 @@ def run_federation(
                                                  "digest": config.digest()})
         rd.write_json_atomic(paths[rd.PROVENANCE],
                              rd.provenance(config.digest(), seeded=setup.streams.seeded))
+        rd.write_json_atomic(paths[PARTITION], setup.partition)
         client_level = config.dp_level == "client"
         ledger = PrivacyLedger(
             unit=config.dp_level,
@@ -327,20 +425,25 @@ def run_federation(
             metadata={"seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
                       "noise_is_release": not setup.streams.seeded,
                       "sampling": "poisson", "noise_multiplier": sigma,
-                      "max_grad_norm": config.max_grad_norm, "method": "fed-sb",
+                      "max_grad_norm": config.max_grad_norm, "method": config.method,
                       "dp_level": config.dp_level,
                       **({"client_clip_norm": config.client_clip_norm} if client_level else {})},
         )
         ledger.save(paths[rd.LEDGER])
-        _initialise(setup, sb, ledger, paths[rd.LEDGER])
-        save_sb_adapter(setup.loaded.model, paths[rd.INIT_ADAPTER], sb, base_model=config.model)
+        _initialise(setup, sb, method, ledger, paths[rd.LEDGER])
+        _save_adapter(model, method, paths[rd.INIT_ADAPTER], sb, config.model)
+        client_ids = list(setup.clients)
+        initial = trainable_state(model)
+        setup_bytes = {cid: payload_bytes(method.setup_payload(model)) for cid in client_ids}
         state = {"completed_rounds": 0, "partition_seed": partition_seed,
                  "noise_multiplier": sigma,
-                 "fingerprint": frozen_fingerprint(setup.loaded.model),
-                 "bytes_setup": payload_bytes({
-                     k: v for k, v in load_file(os.path.join(
-                         paths[rd.INIT_ADAPTER], "lora_sb_adapter.safetensors")).items()
-                 }) * config.clients,
+                 "fingerprint": frozen_fingerprint(model),
+                 "bytes_setup": sum(setup_bytes.values()),
+                 "bytes_setup_by_client": setup_bytes,
+                 # What the server sends each client at the start of the next round.
+                 "next_down_by_client": {
+                     cid: payload_bytes(_sent(initial, _client_rank(config, client_ids, cid)))
+                     for cid in client_ids},
                  "bytes_up": 0, "bytes_down": 0}
         rd.write_json_atomic(paths[rd.PROGRESS], state)
 
@@ -380,43 +483,60 @@ def run_federation(
                 break
             ledger.save(paths[rd.LEDGER])
             global_state = trainable_state(model)
-            updates = []
+            updates, sent_states = [], []
+            up_by_client: dict[str, int] = {}
             for cid in participants:
+                rank = _client_rank(config, client_ids, cid)
                 bar = tqdm(total=config.local_steps, disable=not progress, leave=False,
                            desc=f"round {round_index + 1}/{config.rounds} {cid}")
-                update = setup.clients[cid].train_round(
-                    private_model, global_state, local,
-                    noise_generator=setup.streams.torch("noise", round_index,
-                                                        client_ids.index(cid)),
-                    sampling_generator=setup.streams.torch("poisson", round_index,
+                set_active_rank(model, rank)
+                try:
+                    update = setup.clients[cid].train_round(
+                        private_model, global_state, local,
+                        noise_generator=setup.streams.torch("noise", round_index,
+                                                            client_ids.index(cid)),
+                        sampling_generator=setup.streams.torch("poisson", round_index,
+                                                               client_ids.index(cid)),
+                        dropout_seed=setup.streams.integer("dropout", round_index,
                                                            client_ids.index(cid)),
-                    dropout_seed=setup.streams.integer("dropout", round_index,
-                                                       client_ids.index(cid)),
-                    on_step=lambda _step, bar=bar: bar.update(1),
-                )
+                        on_step=lambda _step, bar=bar: bar.update(1),
+                    )
+                finally:
+                    set_active_rank(model, None)
                 bar.close()
                 validate_update(update, global_state=global_state,
                                 fingerprint=state["fingerprint"],
                                 expected_steps=config.local_steps)
                 updates.append(update)
+                sent_states.append(_sent(update.state, rank))
+                up_by_client[cid] = payload_bytes(sent_states[-1])
             if client_level:
                 aggregated = clipped_noisy_mean(
                     global_state, [u.state for u in updates],
                     clip_norm=config.client_clip_norm, noise_multiplier=sigma,
                     denominator=config.participation * len(client_ids),
                     generator=setup.streams.torch("server-noise", round_index))
+                set_trainable_state(model, aggregated)
+                downlink = aggregated
             else:
-                aggregated = weighted_mean([u.state for u in updates])
-            set_trainable_state(model, aggregated)
+                result = method.aggregate(
+                    model, global_state, sent_states,
+                    generator=setup.streams.torch("adapter-restart", round_index))
+                method.apply(model, result)
+                downlink = result.downlink
+            state["fingerprint"] = frozen_fingerprint(model)
             guard.commit(token)
             ledger.save(paths[rd.LEDGER])
-            save_file({k: v.contiguous() for k, v in aggregated.items()},
-                      paths[rd.CHECKPOINT] + ".tmp")
+            save_file(_checkpoint(model, method), paths[rd.CHECKPOINT] + ".tmp")
             os.replace(paths[rd.CHECKPOINT] + ".tmp", paths[rd.CHECKPOINT])
-            down = payload_bytes(global_state) * len(participants)
-            up = sum(payload_bytes(u.state) for u in updates)
+            down_by_client = {cid: state["next_down_by_client"][cid] for cid in participants}
+            up, down = sum(up_by_client.values()), sum(down_by_client.values())
             state.update(completed_rounds=round_index + 1,
-                         bytes_up=state["bytes_up"] + up, bytes_down=state["bytes_down"] + down)
+                         bytes_up=state["bytes_up"] + up, bytes_down=state["bytes_down"] + down,
+                         next_down_by_client={
+                             cid: payload_bytes(_sent(downlink,
+                                                      _client_rank(config, client_ids, cid)))
+                             for cid in client_ids})
             metrics = evaluate_classifier(model, setup.validation, setup.collate,
                                           num_labels=setup.num_labels)
             eps = (_epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
@@ -425,7 +545,8 @@ def run_federation(
                 "round": round_index + 1, "participants": participants,
                 "validation_accuracy": metrics["accuracy"], "validation_loss": metrics["loss"],
                 "validation_macro_f1": metrics["macro_f1"], "epsilon": eps["epsilon"],
-                "bytes_up": up, "bytes_down": down, "elapsed_s": time.time() - started,
+                "bytes_up": up, "bytes_down": down, "bytes_up_by_client": up_by_client,
+                "bytes_down_by_client": down_by_client, "elapsed_s": time.time() - started,
             })
             rd.write_json_atomic(paths[rd.PROGRESS], state)
             rounds_this_call += 1
@@ -442,10 +563,10 @@ def run_federation(
     if status == "interrupted":
         return RunResult(run_dir=out, status=status)
     if state["completed_rounds"] > 0:
-        set_trainable_state(model, load_file(paths[rd.CHECKPOINT]))
+        _restore(model, load_file(paths[rd.CHECKPOINT]))
     test_metrics = evaluate_classifier(model, setup.test, setup.collate,
                                        num_labels=setup.num_labels)
-    save_sb_adapter(model, paths[rd.FINAL_ADAPTER], sb, base_model=config.model)
+    _save_adapter(model, method, paths[rd.FINAL_ADAPTER], sb, config.model)
     if export_merged:
         save_merged(model, os.path.join(out, "merged"), setup.loaded.tokenizer)
     if export_peft:
@@ -455,7 +576,8 @@ def run_federation(
            if config.private else {"epsilon": math.inf, "delta": setup.delta,
                                    "per_client_epsilon": {}})
     summary = {
-        "status": status, "message": message,
+        "status": status, "message": message, "method": config.method,
+        "partition": setup.partition["spec"],
         "test_accuracy": test_metrics["accuracy"], "test_macro_f1": test_metrics["macro_f1"],
         "test_loss": test_metrics["loss"], "test_examples": test_metrics["examples"],
         "rounds_completed": state["completed_rounds"], "rounds_planned": config.rounds,

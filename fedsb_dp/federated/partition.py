@@ -1,11 +1,73 @@
-"""Splitting the training records among clients (disjoint and complete)."""
+"""Splitting the training records among clients: IID, Dirichlet label skew, quantity skew.
+
+Every partition is deterministic given its seed, disjoint and complete (each record lands in
+exactly one client). The non-IID splits use the partitioners of ``flwr-datasets``
+(``DirichletPartitioner``; ``SizePartitioner`` over a seeded shuffle for quantity skew), run
+offline on an in-memory ``datasets.Dataset``; only the partitioning is theirs, the record
+bookkeeping (a row-index column) and the checks are ours.
+
+Spec strings (``--partition``): ``iid``, ``dirichlet:<alpha>`` (label proportions per client
+~ Dirichlet(α); small α = strong skew), ``quantity:<beta>`` (client sizes ~ Dirichlet(β),
+labels IID).
+"""
 
 from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fedsb_dp.errors import ConfigError
+
+PARTITION_KINDS = ("iid", "dirichlet", "quantity")
+_ROW = "__fedsb_row__"
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed ``--partition`` value.
+
+    Attributes:
+        kind: ``"iid"``, ``"dirichlet"`` or ``"quantity"``.
+        concentration: α (Dirichlet) or β (quantity); ``None`` for IID.
+    """
+
+    kind: str
+    concentration: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> PartitionSpec:
+        """Parse ``iid`` / ``dirichlet:0.3`` / ``quantity:0.5``.
+
+        Raises:
+            ConfigError: Unknown kind, missing or non-positive concentration.
+        """
+        if not isinstance(spec, str):
+            raise ConfigError(f"partition={spec!r} must be a string such as 'dirichlet:0.3'")
+        kind, _, value = spec.strip().partition(":")
+        if kind not in PARTITION_KINDS:
+            raise ConfigError(f"partition={spec!r}: kind {kind!r} is not one of "
+                              f"{PARTITION_KINDS} (e.g. 'iid', 'dirichlet:0.3', 'quantity:0.5')")
+        if kind == "iid":
+            if value:
+                raise ConfigError(f"partition={spec!r}: 'iid' takes no parameter")
+            return cls("iid")
+        try:
+            concentration = float(value)
+        except ValueError:
+            raise ConfigError(f"partition={spec!r}: {kind} needs a number, e.g. "
+                              f"'{kind}:0.3'") from None
+        if not (concentration > 0 and math.isfinite(concentration)):
+            name = "alpha" if kind == "dirichlet" else "beta"
+            raise ConfigError(f"partition={spec!r}: {name}={concentration} must be > 0 and "
+                              "finite")
+        return cls(kind, concentration)
+
+    def __str__(self) -> str:
+        return self.kind if self.concentration is None else f"{self.kind}:{self.concentration:g}"
 
 
 def iid_partition(num_records: int, *, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -21,17 +83,138 @@ def iid_partition(num_records: int, *, num_clients: int, seed: int) -> list[np.n
 
     Raises:
         ConfigError: If there are no clients or fewer records than clients.
-
     """
-    if num_clients < 1:
-        raise ConfigError(f"num_clients={num_clients} must be ≥ 1")
-    if num_records < num_clients:
-        raise ConfigError(
-            f"num_clients={num_clients} exceeds the {num_records} training records: every "
-            "client needs at least one record"
-        )
+    _check_counts(num_records, num_clients, 1)
     order = np.random.default_rng(seed).permutation(num_records)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
+
+
+def _check_counts(num_records: int, num_clients: int, min_records: int) -> None:
+    if num_clients < 1:
+        raise ConfigError(f"num_clients={num_clients} must be ≥ 1")
+    if num_records < num_clients * min_records:
+        raise ConfigError(
+            f"num_clients={num_clients} × min_records={min_records} exceeds the {num_records} "
+            "training records: every client needs at least min_records records")
+
+
+def _as_dataset(labels: np.ndarray):
+    try:
+        from datasets import Dataset
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise ConfigError("non-IID partitions need the 'datasets' package") from exc
+    return Dataset.from_pandas(pd.DataFrame({_ROW: np.arange(len(labels)), "label": labels}),
+                               preserve_index=False)
+
+
+def _flwr_partitioners():
+    try:
+        from flwr_datasets import partitioner
+    except ImportError as exc:
+        raise ConfigError("non-IID partitions use flwr-datasets' partitioners: install the "
+                          "'flower' extra (pip install 'fedsb-dp[flower]')") from exc
+    return partitioner
+
+
+def dirichlet_partition(labels: np.ndarray, *, num_clients: int, alpha: float, seed: int,
+                        min_records: int) -> list[np.ndarray]:
+    """Label skew: each class is split among clients in Dirichlet(α) proportions.
+
+    Sampling is repeated (by flwr-datasets) until every client holds ≥ ``min_records``.
+
+    Raises:
+        ConfigError: If no draw gives every client ``min_records`` records.
+    """
+    _check_counts(len(labels), num_clients, min_records)
+    partitioner = _flwr_partitioners().DirichletPartitioner(
+        num_partitions=num_clients, partition_by="label", alpha=alpha,
+        min_partition_size=min_records, self_balancing=False, shuffle=True,
+        seed=seed % (2**32))
+    partitioner.dataset = _as_dataset(labels)
+    try:
+        with warnings.catch_warnings():
+            # flwr-datasets warns on every redraw; a final failure is reported below.
+            warnings.simplefilter("ignore", UserWarning)
+            return [np.sort(np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64))
+                    for i in range(num_clients)]
+    except ValueError as exc:
+        raise ConfigError(
+            f"dirichlet:{alpha:g} over {num_clients} clients left a client with fewer than "
+            f"{min_records} records in every draw ({exc}); raise alpha, use fewer clients, or "
+            "lower --batch-size") from None
+
+
+def quantity_partition(num_records: int, *, num_clients: int, beta: float, seed: int,
+                       min_records: int) -> list[np.ndarray]:
+    """Quantity skew: client sizes ~ Dirichlet(β) (at least ``min_records`` each), labels IID.
+
+    Each client first gets ``min_records``; the rest is shared in Dirichlet(β) proportions
+    (largest-remainder rounding so the sizes sum to N). Records are shuffled with the seed and
+    cut to those sizes by flwr-datasets' ``SizePartitioner``.
+    """
+    _check_counts(num_records, num_clients, min_records)
+    rng = np.random.default_rng(seed)
+    shares = rng.dirichlet(np.full(num_clients, beta))
+    spare = num_records - num_clients * min_records
+    raw = shares * spare
+    sizes = np.floor(raw).astype(np.int64)
+    for i in np.argsort(-(raw - sizes))[: spare - int(sizes.sum())]:
+        sizes[i] += 1
+    sizes += min_records
+    order = rng.permutation(num_records)
+    partitioner = _flwr_partitioners().SizePartitioner(partition_sizes=[int(s) for s in sizes])
+    partitioner.dataset = _as_dataset(np.zeros(num_records, dtype=np.int64))
+    return [np.sort(order[np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64)])
+            for i in range(num_clients)]
+
+
+def partition_records(labels: np.ndarray, spec: PartitionSpec | str, *, num_clients: int,
+                      seed: int, min_records: int = 1) -> list[np.ndarray]:
+    """Split record indices 0..N−1 among clients according to ``spec``.
+
+    Returns:
+        One sorted index array per client, disjoint and together complete.
+
+    Raises:
+        ConfigError: Bad spec, too few records, or a client left below ``min_records``.
+    """
+    spec = PartitionSpec.parse(spec) if isinstance(spec, str) else spec
+    labels = np.asarray(labels)
+    _check_counts(len(labels), num_clients, min_records)
+    if spec.kind == "iid":
+        parts = iid_partition(len(labels), num_clients=num_clients, seed=seed)
+    elif spec.kind == "dirichlet":
+        parts = dirichlet_partition(labels, num_clients=num_clients, alpha=spec.concentration,
+                                    seed=seed, min_records=min_records)
+    else:
+        parts = quantity_partition(len(labels), num_clients=num_clients,
+                                   beta=spec.concentration, seed=seed, min_records=min_records)
+    check_partition(parts, len(labels), min_records=min_records)
+    return parts
+
+
+def check_partition(parts: list[np.ndarray], num_records: int, *, min_records: int = 1) -> None:
+    """Disjoint, complete, every client ≥ ``min_records`` (raises ConfigError otherwise)."""
+    joined = np.concatenate(parts) if parts else np.array([], dtype=np.int64)
+    if len(joined) != num_records or len(np.unique(joined)) != num_records \
+            or (num_records and (joined.min() < 0 or joined.max() >= num_records)):
+        raise ConfigError("partition is not disjoint and complete")  # a bug, not bad input
+    small = {f"client-{i}": len(p) for i, p in enumerate(parts) if len(p) < min_records}
+    if small:
+        raise ConfigError(f"clients {small} hold fewer than {min_records} records")
+
+
+def partition_report(labels: np.ndarray, parts: list[np.ndarray],
+                     label_names: tuple[str, ...]) -> dict[str, dict]:
+    """Per client: size and label histogram (written to the run directory)."""
+    labels = np.asarray(labels)
+    return {
+        f"client-{i}": {
+            "records": int(len(part)),
+            "labels": {name: int(np.sum(labels[part] == k)) for k, name in enumerate(label_names)},
+        }
+        for i, part in enumerate(parts)
+    }
 
 
 def client_frames(frame: pd.DataFrame, parts: list[np.ndarray]) -> dict[str, pd.DataFrame]:

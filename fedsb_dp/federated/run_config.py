@@ -13,6 +13,8 @@ from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
 from fedsb_dp.data import DEFAULT_DATASET
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import OPTIMIZERS
+from fedsb_dp.federated.partition import PartitionSpec
+from fedsb_dp.methods import method_class
 from fedsb_dp.models import DEFAULT_MODEL
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
@@ -41,9 +43,12 @@ class RunConfig:
     dp_level: str = "example"
     max_grad_norm: float = 0.1
     client_clip_norm: float = 0.05
-    # model and adapters
+    # method and adapters
+    method: str = "fedsb"
     model: str = DEFAULT_MODEL
     rank: int = 16
+    lora_scaling: float = 2.0
+    client_ranks: tuple[int, ...] | None = None
     targets: tuple[str, ...] | None = None
     train_head: bool = True
     train_pooler: bool = False
@@ -65,6 +70,7 @@ class RunConfig:
     max_train_records: int | None = None
     max_eval_records: int | None = None
     # federation
+    partition: str = "iid"
     clients: int = 3
     rounds: int = 3
     local_steps: int = 10
@@ -81,6 +87,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
+        if self.client_ranks is not None:
+            object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
+        method_class(self.method)  # names the valid methods
+        PartitionSpec.parse(self.partition)  # names the valid kinds and ranges
+        if not (self.lora_scaling > 0 and math.isfinite(self.lora_scaling)):
+            raise ConfigError(f"lora_scaling={self.lora_scaling} must be a finite number > 0")
         if self.no_dp and self.epsilon is not None:
             raise ConfigError(
                 f"epsilon={self.epsilon} and no_dp=True contradict each other: drop one"
@@ -134,6 +146,40 @@ class RunConfig:
                 "is a record-level release. Use --init w0-svd, random-orthonormal, or "
                 "--init-source public")
 
+        if self.client_ranks is not None:
+            self._check_client_ranks()
+        if self.method != "fedsb" and self.dp_level == "client":
+            raise ConfigError(f"dp_level='client' is implemented for method='fedsb' only, not "
+                              f"{self.method!r}")
+        if method_class(self.method)[0].adapter == "lora" and self.init == "gradient-svd":
+            raise ConfigError(f"init='gradient-svd' builds LoRA-SB factors; method="
+                              f"{self.method!r} starts from random A and B = 0 (drop --init)")
+        if self.method_is_central and self.dp_level == "client":
+            raise ConfigError(f"method={self.method!r} is a single pooled client; "
+                              "dp_level='client' needs a federation")
+        if self.method_is_central and self.partition != "iid":
+            raise ConfigError(f"method={self.method!r} trains on the pooled data; "
+                              f"partition={self.partition!r} does not apply")
+
+    def _check_client_ranks(self) -> None:
+        ranks = self.client_ranks
+        if self.method != "fedsb":
+            raise ConfigError(f"client_ranks (rank-heterogeneous clients) need method='fedsb', "
+                              f"not {self.method!r}")
+        if len(ranks) != self.clients:
+            raise ConfigError(f"client_ranks={list(ranks)} has {len(ranks)} entries for "
+                              f"clients={self.clients}")
+        for value in ranks:
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    1 <= value <= self.rank):
+                raise ConfigError(f"client rank {value!r} in client_ranks={list(ranks)} must be "
+                                  f"an integer in 1..{self.rank} (the global rank)")
+
+    @property
+    def method_is_central(self) -> bool:
+        """Whether the method is a centralised reference (one client, pooled data)."""
+        return method_class(self.method)[1]
+
     def _choice(self, name: str, options: tuple[str, ...]) -> None:
         if getattr(self, name) not in options:
             raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {options}")
@@ -146,8 +192,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary."""
         out = asdict(self)
-        if self.targets is not None:
-            out["targets"] = list(self.targets)
+        for name in ("targets", "client_ranks"):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
         return out
 
     def digest(self) -> str:

@@ -1,0 +1,160 @@
+"""The interface every federated fine-tuning method implements (one file per method).
+
+A method decides three things: which adapter it injects and which of its tensors train
+(:meth:`FederatedMethod.inject`), how the server turns the clients' trainable states into the
+next global model (:meth:`FederatedMethod.aggregate`), and what that costs on the wire (the
+:class:`Aggregate`'s downlink). Every method's clients train with the same Opacus DP-SGD code
+and the same calibrated σ: σ depends only on (ε, δ, q, steps), never on the method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fedsb_dp.adapters.export import set_trainable_state
+from fedsb_dp.adapters.inject import mark_trainable
+from fedsb_dp.adapters.layer import SBLinear
+from fedsb_dp.adapters.lora import LoRALinear, lora_layers
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.server import weighted_mean
+
+
+@dataclass
+class Aggregate:
+    """The server's output for one round.
+
+    Attributes:
+        state: The next global trainable state (what clients start the next round from).
+        base_updates: Layer name → dense ΔW folded into that layer's frozen base weight
+            (FedEx-LoRA's residual, FLoRA's merged stack); empty for the other methods.
+        downlink: Every tensor the server must send each client for the next round.
+        details: Method-specific notes (e.g. how a residual was encoded).
+    """
+
+    state: dict[str, torch.Tensor]
+    base_updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    downlink: dict[str, torch.Tensor] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def normalised_weights(count: int, weights: Sequence[float] | None) -> list[float]:
+    """Convex weights pᵢ (uniform when ``None``)."""
+    if count == 0:
+        raise ConfigError("cannot aggregate zero client updates")
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"aggregation weights {list(weights)} must be {count} values ≥ 0 with "
+                          "a positive sum")
+    total = float(sum(weights))
+    return [w / total for w in weights]
+
+
+def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapter-carrying layer (LoRA-SB or LoRA), by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SBLinear | LoRALinear)}
+
+
+@torch.no_grad()
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W0 + ΔW of every adapted layer: what the model computes, whatever the adapter."""
+    return {name: (layer.base_layer.weight + layer.get_delta_weight()).detach().clone()
+            for name, layer in adapted_layers(model).items()}
+
+
+class FederatedMethod(ABC):
+    """One federated fine-tuning algorithm.
+
+    Args:
+        rank: Adapter rank r.
+        scaling: s in front of the adapter product (LoRA: alpha / r).
+        dropout: Adapter dropout.
+        train_head: Also train (noise, communicate, average) the classification head.
+        train_pooler: Also train a BERT-style pooler with the head.
+    """
+
+    name: ClassVar[str]
+    adapter: ClassVar[str]  # "lora-sb" or "lora"
+    exact: ClassVar[bool]
+    description: ClassVar[str]
+
+    def __init__(self, *, rank: int, scaling: float = 1.0, dropout: float = 0.0,
+                 train_head: bool = True, train_pooler: bool = False) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"rank={rank!r} must be a positive integer")
+        if not scaling > 0:
+            raise ConfigError(f"scaling={scaling!r} must be > 0")
+        self.rank = rank
+        self.scaling = float(scaling)
+        self.dropout = dropout
+        self.train_head = train_head
+        self.train_pooler = train_pooler
+
+    @abstractmethod
+    def inject(self, model: nn.Module, targets: Mapping[str, nn.Linear], *,
+               generator: torch.Generator, factors: Mapping[str, object] | None = None) -> None:
+        """Wrap the targets in this method's adapter and freeze what must not train.
+
+        Args:
+            model: Modified in place.
+            targets: Qualified name → linear layer.
+            generator: Public randomness for random factors (shared by every client).
+            factors: LoRA-SB factors from an initialiser (Fed-SB only).
+        """
+
+    def _mark_trainable(self, model: nn.Module, lora_train_A: bool = True) -> None:
+        """Freeze everything, then unfreeze by module identity (never by name substring)."""
+        mark_trainable(model, train_head=self.train_head, train_pooler=self.train_pooler)
+        for layer in lora_layers(model).values():
+            layer.lora_A.weight.requires_grad_(lora_train_A)
+            layer.lora_B.weight.requires_grad_(True)
+
+    def aggregate(self, model: nn.Module, global_state: Mapping[str, torch.Tensor],
+                  states: Sequence[Mapping[str, torch.Tensor]],
+                  weights: Sequence[float] | None = None, *,
+                  generator: torch.Generator | None = None) -> Aggregate:
+        """Turn the clients' trainable states into the next global model.
+
+        Default: a fresh weighted mean of every trainable tensor (exact when ΔW is linear in
+        the trained tensors).
+
+        Args:
+            model: The server's model (at the current global state and base weights).
+            global_state: The state the clients started this round from.
+            states: One trainable state per client (its reply).
+            weights: Public aggregation weights (uniform when ``None``).
+            generator: Public randomness for methods that restart adapters (FLoRA).
+        """
+        del model, global_state, generator
+        mean = weighted_mean(states, normalised_weights(len(states), weights))
+        return Aggregate(state=mean, downlink=dict(mean))
+
+    def apply(self, model: nn.Module, aggregate: Aggregate) -> None:
+        """Load the aggregate into the (server's) model: fold base updates, set the state."""
+        layers = adapted_layers(model)
+        for name, delta in aggregate.base_updates.items():
+            layers[name].fold_into_base(delta)
+        set_trainable_state(model, aggregate.state)
+
+    def setup_payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Frozen adapter tensors every client must receive once, before round 1."""
+        del model
+        return {}
+
+
+def mean_of_products(states: Sequence[Mapping[str, torch.Tensor]], p: Sequence[float],
+                     name: str, scaling: float) -> torch.Tensor:
+    """Σ pᵢ s·BᵢAᵢ of one LoRA layer, in float64 (the exact mean of the clients' ΔW)."""
+    total = torch.zeros(())
+    for state, weight in zip(states, p, strict=True):
+        B = state[f"{name}.lora_B.weight"].double()
+        A = state[f"{name}.lora_A.weight"].double()
+        total = total + weight * scaling * (B @ A)
+    return total
+

@@ -1,0 +1,62 @@
+"""FedEx-LoRA: average A and B, and fold the residual mean(BᵢAᵢ) − B̄Ā into W0 (exact).
+
+The global model W0 + s·mean(BᵢAᵢ) is exactly the clients' mean, but the residual is a dense
+(rank ≤ (c+1)·r) matrix the clients must receive every round: the downlink grows with the
+number of clients. It travels in whichever encoding is smaller: dense m×n, or the stacked
+factors [p₁sB₁ … p_csB_c, −sB̄] and [A₁; …; A_c; Ā] whose product it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedsb_dp.adapters.lora import lora_layers
+from fedsb_dp.federated.server import weighted_mean
+from fedsb_dp.methods.base import Aggregate, mean_of_products, normalised_weights
+from fedsb_dp.methods.fedit import FedIT
+
+
+class FedExLoRA(FedIT):
+    """FedEx-LoRA (FedIT plus the exact residual folded into the base weight)."""
+
+    name = "fedex-lora"
+    exact = True
+    description = "LoRA A, B averaged plus the residual mean(BᵢAᵢ) − B̄Ā folded into W0 (exact)"
+
+    def aggregate(self, model: nn.Module, global_state: Mapping[str, torch.Tensor],
+                  states: Sequence[Mapping[str, torch.Tensor]],
+                  weights: Sequence[float] | None = None, *,
+                  generator: torch.Generator | None = None) -> Aggregate:
+        """Means of A, B and the head; the residual of every layer as a base update."""
+        del global_state, generator
+        p = normalised_weights(len(states), weights)
+        mean = weighted_mean(states, p)
+        downlink = dict(mean)
+        base_updates, encodings = {}, {}
+        for name, layer in lora_layers(model).items():
+            B_bar = mean[f"{name}.lora_B.weight"].double()
+            A_bar = mean[f"{name}.lora_A.weight"].double()
+            residual = mean_of_products(states, p, name, self.scaling) - self.scaling * (
+                B_bar @ A_bar)
+            dtype = layer.base_layer.weight.dtype
+            base_updates[name] = residual.to(dtype)
+            m, n = residual.shape
+            stacked_rank = (len(states) + 1) * layer.rank
+            if stacked_rank * (m + n) < m * n:
+                downlink[f"{name}.residual_B"] = torch.cat(
+                    [w * self.scaling * s[f"{name}.lora_B.weight"] for w, s in zip(p, states,
+                                                                                  strict=True)]
+                    + [-self.scaling * mean[f"{name}.lora_B.weight"]], dim=1).to(dtype)
+                downlink[f"{name}.residual_A"] = torch.cat(
+                    [s[f"{name}.lora_A.weight"] for s in states]
+                    + [mean[f"{name}.lora_A.weight"]], dim=0).to(dtype)
+                encodings[name] = "factored"
+            else:
+                downlink[f"{name}.residual"] = residual.to(dtype)
+                encodings[name] = "dense"
+        kinds = sorted(set(encodings.values()))
+        return Aggregate(state=mean, base_updates=base_updates, downlink=downlink,
+                         details={"residual_encoding": ",".join(kinds)})

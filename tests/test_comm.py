@@ -1,0 +1,64 @@
+"""Communication calculator: the paper's figures from public configs (no weights, no network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedsb_dp.comm import communication_table
+from fedsb_dp.errors import ConfigError
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+GEMMA = os.path.join(FIXTURES, "gemma-2-9b.config.json")
+BERT = os.path.join(FIXTURES, "bert-base-uncased.config.json")
+
+
+def _row(frame, method):
+    return frame.loc[frame["method"] == method].iloc[0]
+
+
+def test_gemma_2_9b_230x():
+    frame = communication_table(GEMMA, rank=32, clients=25, fedsb_rank=200)
+    fedsb, fedex, flora = (_row(frame, m) for m in ("fedsb", "fedex-lora", "flora"))
+    assert fedsb["adapted_modules"] == 294
+    assert fedsb["paper_params"] == 11_760_000            # 200² × 294
+    assert flora["paper_params"] == 2_700_902_400         # 25 × 32 × Σ(m+n)
+    assert fedex["paper_params"] == flora["paper_params"]
+    assert round(fedex["vs_fedsb"]) == 230
+
+
+def test_bert_base_query_value_three_clients():
+    frame = communication_table(BERT, rank=32, clients=3, fedsb_rank=64, num_labels=3)
+    assert _row(frame, "fedsb")["paper_params"] == 100_611        # 24 × 64² + 2,307 head
+    assert _row(frame, "fedit")["paper_params"] == 1_181_955      # 1.18 M
+    assert round(_row(frame, "ffa-lora")["paper_params"] / 1e4) == 59   # 0.59 M
+    assert round(_row(frame, "fedex-lora")["paper_params"] / 1e4) == 355  # 3.55 M
+    assert round(_row(frame, "flora")["paper_params"] / 1e4) == 355
+    # Measured encodings: FFA sends B only (r·m), FedEx's residual on top of A and B.
+    assert _row(frame, "ffa-lora")["uplink_params"] == 24 * 32 * 768 + 2307
+    assert _row(frame, "fedex-lora")["downlink_params"] > _row(frame, "fedit")["downlink_params"]
+
+
+def test_fedsb_traffic_does_not_grow_with_clients():
+    small = communication_table(BERT, rank=16, clients=3, num_labels=2)
+    large = communication_table(BERT, rank=16, clients=30, num_labels=2)
+    assert _row(small, "fedsb")["downlink_params"] == _row(large, "fedsb")["downlink_params"]
+    assert _row(large, "flora")["downlink_params"] > 9 * _row(small, "flora")["downlink_params"]
+
+
+def test_bad_rank_is_named():
+    with pytest.raises(ConfigError, match="rank=1000 does not fit"):
+        communication_table(BERT, rank=1000, clients=3)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "comm.csv"
+    done = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "comm", "--model", GEMMA,
+                           "--rank", "32", "--fedsb-rank", "200", "--clients", "25",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "229.7×" in done.stdout and out.exists()

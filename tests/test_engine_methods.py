@@ -1,0 +1,137 @@
+"""Every method through the same engine: same σ, same ledger, own trainable set and traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from accounting import PrivacyLedger, federation_epsilon
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.run_config import RunConfig
+
+SMALL = dict(max_train_records=240, max_eval_records=48, clients=3, rounds=2, local_steps=2,
+             batch_size=8, max_length=24, rank=4, seed=3)
+LAYERS = 12  # MiniLM: 6 layers × (query, value)
+HEAD = 384 * 2 + 2
+
+
+def _run(tmp_path, method, **overrides):
+    config = RunConfig(**{**SMALL, "epsilon": 3.0, "method": method,
+                          "out": str(tmp_path / method), **overrides})
+    return run_federation(config, progress=False)
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("methods")
+    return {m: _run(base, m) for m in ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora")}
+
+
+def test_same_sigma_and_epsilon_for_every_method(runs):
+    sigmas = {m: r.summary["noise_multiplier"] for m, r in runs.items()}
+    assert len(set(sigmas.values())) == 1, sigmas
+    for method, result in runs.items():
+        assert result.status == "completed", method
+        ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
+        assert ledger.metadata["method"] == method
+        recomputed = federation_epsilon(ledger, delta=result.summary["privacy"]["delta"])
+        assert recomputed.epsilon == result.summary["privacy"]["epsilon"] <= 3.0
+        assert {c: ledger.steps(c) for c in ledger.clients} == {
+            f"client-{i}": 4 for i in range(3)}
+
+
+def test_trainable_parameter_counts(runs):
+    d = {m: r.summary["trainable_parameters"] for m, r in runs.items()}
+    r = SMALL["rank"]
+    assert d["fedsb"] == LAYERS * r * r + HEAD
+    assert d["fedit"] == d["fedex-lora"] == d["flora"] == LAYERS * r * (384 + 384) + HEAD
+    assert d["ffa-lora"] == LAYERS * r * 384 + HEAD
+
+
+def test_measured_traffic_per_client_per_round(runs):
+    per_round = {}
+    for method, result in runs.items():
+        metrics = _metrics(result.run_dir)
+        assert len(metrics) == 2
+        for m in metrics:
+            assert set(m["bytes_up_by_client"]) == {"client-0", "client-1", "client-2"}
+            assert sum(m["bytes_up_by_client"].values()) == m["bytes_up"]
+        per_round[method] = metrics[1]["bytes_down_by_client"]["client-0"]
+    # Round 2's downlink: Fed-SB's R̄ is the smallest; FedEx adds a residual and FLoRA sends
+    # the three clients' stacked factors, so both exceed FedIT's plain A, B.
+    assert per_round["fedsb"] < per_round["ffa-lora"] < per_round["fedit"]
+    assert per_round["fedex-lora"] > per_round["fedit"]
+    assert per_round["flora"] > 2 * per_round["fedit"] - 4 * HEAD
+    assert runs["fedsb"].summary["bytes_setup"] > 0  # the one-time B/A broadcast
+    assert runs["fedit"].summary["bytes_setup"] == 0
+
+
+def test_partition_report_written(runs):
+    with open(os.path.join(runs["fedsb"].run_dir, "partition.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
+    assert report["spec"] == "iid"
+    assert sum(c["records"] for c in report["clients"].values()) == 240
+
+
+def test_dirichlet_run_and_resume_of_a_folding_method(tmp_path):
+    config = RunConfig(**{**SMALL, "epsilon": 3.0, "method": "fedex-lora",
+                          "partition": "dirichlet:0.5", "out": str(tmp_path / "fx")})
+    first = run_federation(config, progress=False, stop_after_rounds=1)
+    assert first.status == "interrupted"
+    resumed = run_federation(config, resume=True, progress=False)
+    uninterrupted = run_federation(RunConfig(**{**config.to_dict(), "out": str(tmp_path / "u")}),
+                                   progress=False)
+    assert resumed.status == "completed"
+    # Seeded: the resumed run must equal the uninterrupted one, folded base weights included.
+    assert resumed.summary["test_accuracy"] == uninterrupted.summary["test_accuracy"]
+    assert resumed.summary["test_loss"] == pytest.approx(uninterrupted.summary["test_loss"],
+                                                         rel=1e-6)
+    with open(os.path.join(resumed.run_dir, "partition.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
+    assert report["spec"] == "dirichlet:0.5"
+    assert all(c["records"] >= SMALL["batch_size"] for c in report["clients"].values())
+
+
+def test_central_reference_is_one_pooled_client(tmp_path):
+    result = _run(tmp_path, "central-sb", rounds=1)
+    assert result.summary["clients"] == {"central": 240}
+    ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
+    assert ledger.clients == ["central"]
+
+
+def test_rank_heterogeneous_fedsb_run(tmp_path):
+    result = _run(tmp_path, "fedsb", client_ranks=(1, 2, 4), rounds=1)
+    up = _metrics(result.run_dir)[0]["bytes_up_by_client"]
+    assert up["client-0"] < up["client-1"] < up["client-2"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "fedavg"}, "method='fedavg' is not one of"),
+    ({"partition": "dirichlet:0"}, "alpha=0.0 must be > 0"),
+    ({"partition": "shards:2"}, "kind 'shards' is not one of"),
+    ({"client_ranks": (1, 2, 8)}, "client rank 8 .* must be an integer in 1..4"),
+    ({"client_ranks": (1, 2)}, "has 2 entries for clients=3"),
+    ({"client_ranks": (1, 2, 4), "method": "fedit"}, "need method='fedsb'"),
+    ({"method": "ffa-lora", "init": "gradient-svd"}, "starts from random A"),
+    ({"method": "central-lora", "partition": "dirichlet:0.3"}, "pooled data"),
+])
+def test_bad_method_settings(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**{**SMALL, "epsilon": 3.0, "out": str(tmp_path / "x"), **overrides})
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_partition_leaving_a_client_short_fails_before_spending(tmp_path):
+    config = RunConfig(**{**SMALL, "epsilon": 3.0, "partition": "dirichlet:0.01",
+                          "batch_size": 70, "out": str(tmp_path / "short")})
+    with pytest.raises(ConfigError, match="fewer than 70 records"):
+        run_federation(config, progress=False)
+    assert not (tmp_path / "short").exists()

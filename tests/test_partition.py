@@ -1,0 +1,71 @@
+"""Partitions: deterministic, disjoint, complete; skew where asked; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.partition import PartitionSpec, partition_records, partition_report
+
+LABELS = np.array([0] * 600 + [1] * 400)[np.random.default_rng(0).permutation(1000)]
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "dirichlet:100", "quantity:0.5"])
+def test_disjoint_complete_deterministic(spec):
+    parts = partition_records(LABELS, spec, num_clients=4, seed=11, min_records=20)
+    joined = np.concatenate(parts)
+    assert sorted(joined.tolist()) == list(range(1000))
+    assert all(len(p) >= 20 for p in parts)
+    again = partition_records(LABELS, spec, num_clients=4, seed=11, min_records=20)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition_records(LABELS, spec, num_clients=4, seed=12, min_records=20)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def _label_spread(parts):
+    fractions = [LABELS[p].mean() for p in parts]
+    return max(fractions) - min(fractions)
+
+
+def test_dirichlet_skews_labels_and_alpha_controls_it():
+    skewed = partition_records(LABELS, "dirichlet:0.1", num_clients=5, seed=3, min_records=10)
+    mild = partition_records(LABELS, "dirichlet:1000", num_clients=5, seed=3, min_records=10)
+    assert _label_spread(skewed) > 0.3
+    assert _label_spread(mild) < 0.1
+
+
+def test_quantity_skews_sizes_not_labels():
+    parts = partition_records(LABELS, "quantity:0.3", num_clients=5, seed=5, min_records=10)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] > 3 * sizes[0]
+    big = [p for p in parts if len(p) > 100]
+    assert all(abs(LABELS[p].mean() - 0.4) < 0.12 for p in big)
+
+
+def test_report_has_sizes_and_histograms():
+    parts = partition_records(LABELS, "dirichlet:0.5", num_clients=3, seed=0, min_records=10)
+    report = partition_report(LABELS, parts, ("neg", "pos"))
+    assert set(report) == {"client-0", "client-1", "client-2"}
+    assert sum(r["records"] for r in report.values()) == 1000
+    assert sum(r["labels"]["pos"] for r in report.values()) == 400
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("dirichlet:0", "alpha=0.0 must be > 0"),
+    ("dirichlet:-1", "alpha=-1.0 must be > 0"),
+    ("dirichlet", "needs a number"),
+    ("quantity:abc", "needs a number"),
+    ("pathological:2", "kind 'pathological' is not one of"),
+    ("iid:3", "takes no parameter"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        PartitionSpec.parse(spec)
+
+
+def test_a_client_left_too_small_is_a_clear_error():
+    with pytest.raises(ConfigError, match="fewer than 300 records"):
+        partition_records(LABELS, "dirichlet:0.05", num_clients=3, seed=0, min_records=300)
+    with pytest.raises(ConfigError, match="exceeds the 1000 training records"):
+        partition_records(LABELS, "iid", num_clients=3, seed=0, min_records=400)
