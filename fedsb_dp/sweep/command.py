@@ -1,0 +1,103 @@
+"""``fedsb-dp sweep`` and ``fedsb-dp report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.sweep.spec import SweepSpec
+
+
+def _list(text: str | None, kind=str) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r} must be a comma-separated list") from None
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def spec_from_args(args: argparse.Namespace) -> SweepSpec:
+    """A spec from ``--spec`` (TOML) overridden by the list flags."""
+    data = SweepSpec.from_toml(args.spec).to_dict() if args.spec else {}
+    for name, kind in (("epsilons", str), ("methods", str), ("partitions", str),
+                       ("seeds", int)):
+        values = _list(getattr(args, name), kind)
+        if values is not None:
+            data[name] = values
+    if args.ranks is not None:
+        data["ranks"] = {"default": _list(args.ranks, int)}
+    if args.fedsb_ranks is not None:
+        data.setdefault("ranks", {})["fedsb"] = _list(args.fedsb_ranks, int)
+    base = dict(data.get("base", {}))
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        base[key.strip().replace("-", "_")] = _value(value.strip())
+    data["base"] = base
+    return SweepSpec.from_dict(data)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedsb_dp.sweep.report import write_report
+    from fedsb_dp.sweep.runner import run_sweep
+
+    spec = spec_from_args(args)
+    cells = spec.cells()
+    print(f"sweep: {len(cells)} cells → {args.out}")
+
+    def report(cell, status):
+        eps = "∞" if math.isinf(cell.epsilon) else f"{cell.epsilon:g}"
+        print(f"  {status:14s} ε={eps:4s} {cell.method:12s} r={cell.rank:<3d} "
+              f"{cell.partition:14s} seed={cell.seed}", flush=True)
+
+    statuses = run_sweep(spec, args.out, progress=not args.no_progress, on_cell=report)
+    outputs = write_report(args.out)
+    print(f"report: {outputs['markdown']} and {outputs['html']}")
+    return 1 if any(s == "failed" for s in statuses.values()) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedsb_dp.sweep.report import write_report
+
+    outputs = write_report(args.path)
+    for name, path in outputs.items():
+        print(f"{name:24s} {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sweep`` and ``report`` to a CLI."""
+    parser = subparsers.add_parser(
+        "sweep", help="privacy-utility grid: ε × method × rank × partition × seed",
+        description="Run a resumable grid of federated runs (one run directory per cell) and "
+                    "write results.csv, report.md and report.html.")
+    parser.add_argument("--spec", help="TOML sweep specification (flags override it)")
+    parser.add_argument("--out", required=True, help="sweep directory (rerun to resume)")
+    parser.add_argument("--epsilons", help="e.g. 1,3,8,inf")
+    parser.add_argument("--methods", help="e.g. fedsb,ffa-lora,fedit,fedex-lora,flora")
+    parser.add_argument("--ranks", help="ranks of every method, e.g. 16,32")
+    parser.add_argument("--fedsb-ranks", help="Fed-SB's own ranks, e.g. 16,32,64")
+    parser.add_argument("--partitions", help="e.g. iid,dirichlet:0.3")
+    parser.add_argument("--seeds", help="e.g. 0,1,2")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a run setting shared by every cell (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=_sweep)
+    report = subparsers.add_parser(
+        "report", help="regenerate a report from run or sweep directories",
+        description="Recompute ε from every ledger and write results.csv, plots, report.md "
+                    "and report.html.")
+    report.add_argument("path", help="a sweep directory, a directory of runs, or one run")
+    report.set_defaults(func=_report)

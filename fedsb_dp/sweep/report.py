@@ -1,0 +1,188 @@
+"""Sweep reports: ``report.md`` and a self-contained ``report.html`` with PNG plots.
+
+Every ε shown comes from :func:`fedsb_dp.sweep.results.collect_results`, which recomputes it
+from each cell's ledger; nothing is copied from the runs' own summaries.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from typing import Any
+
+from fedsb_dp.sweep.results import collect_results
+
+PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
+
+
+def _label(row: Any) -> str:
+    return f"{row['method']} r={row['rank']}"
+
+
+def aggregate(frame):
+    """Mean ± std over seeds per (partition, method, rank, target ε)."""
+    grouped = frame.groupby(["partition", "method", "rank", "target_epsilon"], sort=True)
+    out = grouped.agg(
+        accuracy_mean=("test_accuracy", "mean"), accuracy_std=("test_accuracy", "std"),
+        macro_f1_mean=("test_macro_f1", "mean"), epsilon_max=("epsilon", "max"),
+        noise_multiplier=("noise_multiplier", "mean"),
+        noise_norm_per_step=("noise_norm_per_step", "mean"),
+        trainable_parameters=("trainable_parameters", "first"),
+        bytes_total=("bytes_total", "mean"), seeds=("seed", "count"),
+    ).reset_index()
+    out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
+    return out
+
+
+def _eps_positions(values):
+    finite = sorted(v for v in values if math.isfinite(v))
+    top = (max(finite) * 2.0) if finite else 1.0
+    return {v: (v if math.isfinite(v) else top) for v in values}, top
+
+
+def _plots(summary, directory: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    partitions = sorted(summary["partition"].unique())
+    positions, _ = _eps_positions(summary["target_epsilon"].unique())
+    fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2),
+                             squeeze=False)
+    for ax, partition in zip(axes[0], partitions, strict=True):
+        part = summary[summary["partition"] == partition]
+        for (method, rank), group in part.groupby(["method", "rank"]):
+            group = group.sort_values("target_epsilon")
+            ax.errorbar([positions[e] for e in group["target_epsilon"]], group["accuracy_mean"],
+                        yerr=group["accuracy_std"], marker="o", capsize=3,
+                        label=f"{method} r={rank}")
+        ax.set_xscale("log")
+        ticks = sorted(positions.items(), key=lambda item: item[1])
+        ax.set_xticks([x for _, x in ticks],
+                      [f"{e:g}" if math.isfinite(e) else "∞" for e, _ in ticks])
+        ax.set_xlabel("target ε (∞ = non-private)")
+        ax.set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.set_title(f"partition: {partition}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(directory, PLOTS[0]))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (method, rank), group in summary.groupby(["method", "rank"]):
+        ax.scatter(group["bytes_total"], group["accuracy_mean"], label=f"{method} r={rank}")
+    front = summary.sort_values("bytes_total")
+    best, xs, ys = -1.0, [], []
+    for row in front.itertuples():
+        if row.accuracy_mean > best:
+            best = row.accuracy_mean
+            xs.append(row.bytes_total)
+            ys.append(row.accuracy_mean)
+    ax.step(xs, ys, where="post", color="black", alpha=0.5, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes communicated per run (setup + uplink + downlink, all clients)")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(directory, PLOTS[1]))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    private = summary[summary["target_epsilon"].apply(math.isfinite)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if len(private):
+        labels = [f"{m} r={r}" for m, r in private[["method", "rank"]].drop_duplicates()
+                  .itertuples(index=False)]
+        epsilons = sorted(private["target_epsilon"].unique())
+        width = 0.8 / max(len(epsilons), 1)
+        for i, eps in enumerate(epsilons):
+            sub = private[private["target_epsilon"] == eps].drop_duplicates(["method", "rank"])
+            lookup = {f"{r.method} r={r.rank}": r.noise_norm_per_step for r in sub.itertuples()}
+            ax.bar([j + i * width for j in range(len(labels))],
+                   [lookup.get(label, 0.0) for label in labels], width, label=f"ε={eps:g}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=30,
+                      ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("expected noise norm per step σ·C·√d")
+    fig.tight_layout()
+    paths.append(os.path.join(directory, PLOTS[2]))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(frame, columns: list[str]) -> str:
+    """A GitHub-markdown table of the given columns."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame[columns].itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+COLUMNS = ["partition", "method", "rank", "target_epsilon", "epsilon_max", "accuracy_mean",
+           "accuracy_std", "macro_f1_mean", "noise_multiplier", "trainable_parameters",
+           "noise_norm_per_step", "bytes_total", "seeds"]
+
+
+def write_report(path: str) -> dict[str, str]:
+    """Regenerate results.csv, the plots, report.md and report.html for ``path``.
+
+    Args:
+        path: A sweep directory or a directory of run directories (or one run).
+
+    Returns:
+        Output name → file path.
+    """
+    frame = collect_results(path)
+    summary = aggregate(frame)
+    plots = _plots(summary, path)
+    table = markdown_table(summary, COLUMNS)
+    over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
+    md = [
+        "# Privacy-utility report", "",
+        f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "
+        "PRV upper bound by default); accuracy is mean ± std over seeds.", "",
+        f"Runs whose recomputed ε exceeds the target: {len(over)}.", "",
+        table, "",
+        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots], "",
+    ]
+    md_path = os.path.join(path, "report.md")
+    with open(md_path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(md))
+    images = []
+    for p in plots:
+        with open(p, "rb") as fh:
+            encoded = base64.b64encode(fh.read()).decode()
+        images.append(f'<img alt="{html.escape(os.path.basename(p))}" '
+                      f'src="data:image/png;base64,{encoded}" style="max-width:100%">')
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in summary[COLUMNS].itertuples(index=False))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>fedsb-dp report</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head><body>"
+            "<h1>Privacy-utility report</h1>"
+            f"<p>{len(frame)} runs; ε recomputed from every run's ledger; runs above their "
+            f"target: {len(over)}.</p><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>" + rows
+            + "</table>" + "".join(images) + "</body></html>")
+    html_path = os.path.join(path, "report.html")
+    with open(html_path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return {"results": os.path.join(path, "results.csv"), "markdown": md_path,
+            "html": html_path, **{os.path.basename(p): p for p in plots}}

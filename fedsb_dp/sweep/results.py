@@ -1,0 +1,79 @@
+"""The results table of a sweep (or of loose run directories), ε recomputed from each ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from accounting import PrivacyLedger, federation_epsilon
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated import run_dir as rd
+
+RESULTS_FILE = "results.csv"
+
+
+def run_dirs(path: str) -> list[str]:
+    """Run directories under ``path`` (itself, its ``cells/``, or its subdirectories)."""
+    if os.path.exists(os.path.join(path, rd.SUMMARY)):
+        return [path]
+    root = os.path.join(path, "cells") if os.path.isdir(os.path.join(path, "cells")) else path
+    if not os.path.isdir(root):
+        raise ConfigError(f"{path!r} is not a directory")
+    found = sorted(os.path.join(root, d) for d in os.listdir(root)
+                   if os.path.exists(os.path.join(root, d, rd.SUMMARY)))
+    if not found:
+        raise ConfigError(f"{path!r} holds no finished run (no {rd.SUMMARY} found)")
+    return found
+
+
+def _read(path: str) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def run_row(path: str) -> dict[str, Any]:
+    """One run as a row: grid point, utility, ε recomputed from its ledger, noise, traffic."""
+    summary = _read(os.path.join(path, rd.SUMMARY))
+    config = _read(os.path.join(path, rd.CONFIG))["config"]
+    private = not config.get("no_dp", False)
+    if private:
+        ledger = PrivacyLedger.load(os.path.join(path, rd.LEDGER))
+        delta = summary["privacy"]["delta"]
+        result = federation_epsilon(ledger, delta=delta, accountant=config["accountant"])
+        epsilon = result.epsilon
+    else:
+        epsilon, delta = math.inf, summary["privacy"].get("delta")
+    sigma = summary["noise_multiplier"]
+    d = summary["trainable_parameters"]
+    clip = config["max_grad_norm"]
+    return {
+        "run": os.path.basename(os.path.normpath(path)),
+        "method": config.get("method", "fedsb"), "rank": config["rank"],
+        "partition": config.get("partition", "iid"), "seed": config.get("seed"),
+        "target_epsilon": config["epsilon"] if private else math.inf,
+        "epsilon": epsilon, "claimed_epsilon": summary["privacy"]["epsilon"], "delta": delta,
+        "noise_multiplier": sigma, "trainable_parameters": d, "max_grad_norm": clip,
+        # Expected norm of one step's noise on the sum: σ·C·√d.
+        "noise_norm_per_step": sigma * clip * math.sqrt(d),
+        "test_accuracy": summary["test_accuracy"], "test_macro_f1": summary["test_macro_f1"],
+        "test_loss": summary["test_loss"], "status": summary["status"],
+        "rounds": summary["rounds_completed"], "clients": len(summary["clients"]),
+        "bytes_setup": summary["bytes_setup"], "bytes_up": summary["bytes_up"],
+        "bytes_down": summary["bytes_down"],
+        "bytes_total": summary["bytes_setup"] + summary["bytes_up"] + summary["bytes_down"],
+        "wall_time_s": summary["wall_time_s"],
+    }
+
+
+def collect_results(path: str, *, write: bool = True):
+    """Rows of every finished run under ``path`` (pandas DataFrame), written to results.csv."""
+    import pandas as pd
+
+    frame = pd.DataFrame([run_row(p) for p in run_dirs(path)])
+    frame = frame.sort_values(["partition", "method", "rank", "target_epsilon", "seed"],
+                              kind="stable").reset_index(drop=True)
+    if write:
+        frame.to_csv(os.path.join(path, RESULTS_FILE), index=False)
+    return frame

@@ -1,0 +1,118 @@
+"""Sweeps: grid, resumability, results recomputed from ledgers, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.sweep import SweepSpec, collect_results, run_sweep, write_report
+
+BASE = dict(max_train_records=120, max_eval_records=32, clients=2, rounds=1, local_steps=2,
+            batch_size=8, max_length=16)
+
+
+def _spec(**overrides):
+    values = dict(epsilons=[3, "inf"], methods=["fedsb", "ffa-lora"], partitions=["iid"],
+                  seeds=[0], ranks={"default": [2]}, base=BASE)
+    values.update(overrides)
+    return SweepSpec.from_dict(values)
+
+
+def test_grid_order_and_names():
+    spec = _spec(seeds=[0, 1], ranks={"fedsb": [2, 4], "default": [2]})
+    cells = spec.cells()
+    assert len(cells) == 2 * (2 + 1) * 2
+    assert len({c.name for c in cells}) == len(cells)
+    assert cells[0].name == "eps3_fedsb_r2_iid_s0"
+    assert math.isinf(cells[-1].epsilon)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epsilons": [0]}, "must be > 0"),
+    ({"epsilons": ["x"]}, "must be a number"),
+    ({"methods": ["fedavg"]}, "is not one of"),
+    ({"partitions": ["dirichlet:-1"]}, "must be > 0"),
+    ({"seeds": []}, "must not be empty"),
+    ({"ranks": {"fedsb": [2]}}, "no ranks for methods"),
+    ({"base": {**BASE, "rank": 4}}, "set by the grid"),
+    ({"base": {**BASE, "clinets": 3}}, "unknown setting"),
+])
+def test_bad_specs(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _spec(**overrides)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep") / "grid")
+    statuses = run_sweep(_spec(), out)
+    assert set(statuses.values()) == {"completed"}
+    return out
+
+
+def test_results_recompute_epsilon_from_ledgers(sweep_dir):
+    frame = collect_results(sweep_dir)
+    assert len(frame) == 4
+    private = frame[frame["target_epsilon"] == 3]
+    assert (private["epsilon"] <= 3.0).all() and (private["epsilon"] > 0).all()
+    assert frame[frame["target_epsilon"].apply(math.isinf)]["epsilon"].apply(math.isinf).all()
+    # The same σ for both methods at the same ε (σ depends on ε, δ, q, steps only).
+    assert private["noise_multiplier"].nunique() == 1
+    assert os.path.exists(os.path.join(sweep_dir, "results.csv"))
+
+
+def test_report_does_not_trust_the_summary(sweep_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    cell = os.path.join(copy, "cells", "eps3_fedsb_r2_iid_s0", "summary.json")
+    with open(cell, encoding="utf-8") as fh:
+        summary = json.load(fh)
+    truth = summary["privacy"]["epsilon"]
+    summary["privacy"]["epsilon"] = 0.01  # a run that under-reports
+    with open(cell, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh)
+    outputs = write_report(copy)
+    frame = pd.read_csv(outputs["results"])
+    row = frame[frame["run"] == "eps3_fedsb_r2_iid_s0"].iloc[0]
+    assert row["epsilon"] == pytest.approx(truth)
+    assert row["claimed_epsilon"] == 0.01
+    for name in ("markdown", "html", "accuracy_vs_epsilon.png", "accuracy_vs_bytes.png",
+                 "noise_scale.png"):
+        assert os.path.getsize(outputs[name]) > 0
+    page = open(outputs["html"], encoding="utf-8").read()
+    assert page.count("data:image/png;base64,") == 3  # self-contained
+
+
+def test_rerun_skips_finished_cells_and_redoes_unstarted_ones(sweep_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    victim = os.path.join(copy, "cells", "eps3_ffa-lora_r2_iid_s0")
+    shutil.rmtree(victim)
+    os.makedirs(victim)  # claimed but never started (e.g. killed while loading)
+    statuses = run_sweep(_spec(), copy)
+    assert statuses["eps3_ffa-lora_r2_iid_s0"] == "completed"
+    assert os.path.exists(victim + ".incomplete-1")
+    assert [s for n, s in statuses.items() if n != "eps3_ffa-lora_r2_iid_s0"] == ["skipped"] * 3
+
+
+def test_a_different_grid_cannot_reuse_the_directory(sweep_dir):
+    with pytest.raises(ConfigError, match="different sweep"):
+        run_sweep(_spec(seeds=[0, 1]), sweep_dir)
+
+
+def test_cli_report(sweep_dir):
+    done = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "report", sweep_dir],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "report.html" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "sweep", "--out", "x",
+                          "--epsilons", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "must be > 0" in bad.stderr
