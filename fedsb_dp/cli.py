@@ -77,6 +77,9 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--export-merged", action="store_true", help="also save a merged model")
     parser.add_argument("--export-peft", action="store_true", help="also save a PEFT adapter")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--engine", choices=("inprocess", "flower-sim"), default="inprocess",
+                        help="inprocess (default) or flower-sim: the Flower app on Flower's "
+                        "simulation engine (needs the 'flower' extra; see docs/distributed.md)")
     for flag, dest, kind, text in _RUN_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     for flag, dest, text in _RUN_SWITCHES:
@@ -151,10 +154,26 @@ def _print_summary(result) -> None:
     print(f"  wall time       {s['wall_time_s']:.0f} s")
 
 
+def _run_flower_sim(args: argparse.Namespace) -> int:
+    if args.resume or args.export_merged or args.export_peft:
+        raise FedSBError("--engine flower-sim supports neither --resume nor --export-merged/"
+                         "--export-peft; use --engine inprocess for those")
+    try:
+        from fedsb_dp.flower.simulation import run_flower_simulation
+    except ImportError as exc:
+        raise FedSBError(f"--engine flower-sim needs the 'flower' extra ({exc}); install it "
+                         "with: pip install -e '.[flower]'") from exc
+    result = run_flower_simulation(_run_config(args))
+    _print_summary(result)
+    return 0 if result.status == "completed" else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedsb_dp.federated.engine import run_federation
     from fedsb_dp.federated.run_config import RunConfig
 
+    if args.engine == "flower-sim":
+        return _run_flower_sim(args)
     if args.resume:
         config = RunConfig.from_dict({"no_dp": True, "out": args.resume})  # replaced on load
         result = run_federation(config, resume=True, export_merged=args.export_merged,
@@ -164,6 +183,13 @@ def _run(args: argparse.Namespace) -> int:
                                 export_peft=args.export_peft, progress=not args.no_progress)
     _print_summary(result)
     return 0 if result.status == "completed" else 1
+
+
+def _add_audit(subparsers: argparse._SubParsersAction) -> None:
+    from fedsb_dp.audit.command import add_arguments
+
+    add_arguments(subparsers.add_parser(
+        "audit", help="audit a run directory: ledger, ε recomputation, flags (exit 1 on failure)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,9 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     register(subparsers)
+    _add_audit(subparsers)
     from fedsb_dp.comm import register as register_comm
 
     register_comm(subparsers)
+    from fedsb_dp.sweep.command import register as register_sweep
+
+    register_sweep(subparsers)
     return parser
 
 

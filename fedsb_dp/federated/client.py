@@ -141,6 +141,24 @@ def _poisson_indices(num_records: int, q: float, generator: torch.Generator) -> 
     return torch.nonzero(torch.rand(num_records, generator=generator) < q).flatten()
 
 
+def _append_rows(params: list[nn.Parameter],
+                 rows: Mapping[nn.Parameter, torch.Tensor]) -> None:
+    """Append audit canaries' per-example gradient rows to every parameter's grad_sample."""
+    if not rows:
+        return
+    counts = {int(rows[p].shape[0]) for p in params if p in rows}
+    if len(counts) > 1 or any(p not in rows for p in params):
+        raise ConfigError(f"canary_gradients must give every trainable parameter the same "
+                          f"number of rows; got row counts {sorted(counts)} for "
+                          f"{sum(p in rows for p in params)} of {len(params)} parameters")
+    for p in params:
+        extra = rows[p].to(dtype=p.dtype)
+        if tuple(extra.shape[1:]) != tuple(p.shape):
+            raise ConfigError(f"canary rows of shape {tuple(extra.shape)} do not fit a "
+                              f"parameter of shape {tuple(p.shape)}")
+        p.grad_sample = torch.cat([p.grad_sample, extra])
+
+
 class DPClient:
     """One data holder: its records and its local DP-SGD loop.
 
@@ -198,6 +216,7 @@ class DPClient:
         sampling_generator: torch.Generator,
         dropout_seed: int | None = None,
         on_step: Callable[[int], None] | None = None,
+        canary_gradients: Callable[[int], Mapping[nn.Parameter, torch.Tensor]] | None = None,
     ) -> ClientUpdate:
         """Start from the global trainable state and run ``config.local_steps`` DP-SGD steps.
 
@@ -211,6 +230,11 @@ class DPClient:
                 round runs inside ``torch.random.fork_rng`` seeded with this value and the
                 caller's global RNG state is restored afterwards. ``None`` leaves it alone.
             on_step: Called with the step index after each logical step (progress bars).
+            canary_gradients: Auditing only (``fedsb_dp.audit``): called with the step index
+                before the step's noise is drawn; returns, for every trainable parameter, extra
+                per-example gradient rows ``(k, *p.shape)`` appended to ``p.grad_sample`` so
+                they are clipped, summed and noised like records. ``None`` (default) changes
+                nothing.
 
         Returns:
             The client's update.
@@ -248,6 +272,8 @@ class DPClient:
                                 f"client {self.client_id!r}: non-finite loss at local step {step}"
                             )
                         losses.mean().backward()
+                    if canary_gradients is not None and position == len(chunks) - 1:
+                        _append_rows(params, canary_gradients(step))
                     optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,300 @@
+"""Torch-free audit: GDP and one-run statistics (pinned references), group privacy, and the
+run-directory audit on small synthetic runs (tampering, understated claims, flags)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from accounting import (
+    GaussianDpEvent,
+    NonPrivateDpEvent,
+    PoissonSampledDpEvent,
+    PrivacyLedger,
+    federation_epsilon,
+)
+from accounting.audit import audit_run, audit_sweep, load_run
+from accounting.empirical import (
+    fit_gdp,
+    gaussian_group_epsilon,
+    gdp_delta,
+    gdp_epsilon,
+    group_privacy,
+    one_run_epsilon,
+    one_run_epsilon_from_scores,
+    one_run_p_value,
+    roc_frontier,
+)
+from accounting.errors import AccountingError
+
+# ----------------------------------------------------------------------------- GDP
+
+
+@pytest.mark.parametrize(("sigma", "expected"), [(0.5, 9.997), (1.0, 4.377178), (2.0, 1.993)])
+def test_gdp_epsilon_of_one_gaussian_step(sigma, expected):
+    assert gdp_epsilon(1 / sigma, 1e-5) == pytest.approx(expected, abs=1e-3)
+
+
+def test_gdp_delta_matches_reference_closed_form():
+    # REFERENCE §8: σ=√3, 3 steps ⇒ μ = 1; δ(ε=1) = Φ(−½) − eΦ(−3/2).
+    assert gdp_delta(1.0, 1.0) == pytest.approx(0.1269367375, abs=1e-10)
+    assert gdp_delta(gdp_epsilon(2.0, 1e-7), 2.0) == pytest.approx(1e-7, rel=1e-6)
+    assert gdp_epsilon(0.0, 1e-5) == 0.0
+    with pytest.raises(AccountingError, match=r"delta=1\.5 must be in \(0, 1\)"):
+        gdp_epsilon(1.0, 1.5)
+
+
+def test_gdp_fit_recovers_mu_with_a_sound_lower_bound():
+    rng = np.random.default_rng(0)
+    out = rng.normal(0.0, 2.0, 100_000)
+    inn = rng.normal(2.0, 2.0, 100_000)  # μ = 1 in units of the noise
+    fit = fit_gdp(inn, out)
+    assert fit.mu_hat == pytest.approx(1.0, abs=0.02)
+    assert fit.mu_lower < fit.mu_hat and fit.mu_lower < 1.0
+    assert 0.95 * 4.377 < fit.epsilon_lower(1e-5) < 4.377
+    with pytest.raises(AccountingError, match="zero variance"):
+        fit_gdp([1.0, 1.0], [0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- one-run audit
+
+
+def _deterministic_normal(shift: float, n: int) -> np.ndarray:
+    return stats.norm.ppf(np.linspace(0, 1, n, endpoint=False) + 1 / (2 * n)) + shift
+
+
+@pytest.mark.parametrize(("shift", "expected"),
+                         [(0, 0.0), (1, 1.13346), (2, 2.311945), (4, 4.395568)])
+def test_one_run_bound_matches_reference_values(shift, expected):
+    # REFERENCE §9 / jax_privacy's test: n = 10,000 each, δ = 1e-6, 95 %, Bonferroni over the
+    # ROC frontier.
+    bound = one_run_epsilon_from_scores(_deterministic_normal(shift, 10_000),
+                                        _deterministic_normal(0, 10_000), delta=1e-6)
+    assert bound.epsilon_lower == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert bound.epsilon_lower <= bound.ceiling
+    assert bound.m == 20_000 and bound.n_in == 10_000
+
+
+def _naive_p_value(m, r, v, eps, delta):
+    q = special.expit(eps)
+    beta = stats.binom.sf(v - 1, r, q)
+    alpha = max((sum(stats.binom.pmf(v - j, r, q) for j in range(1, i + 1)) / i
+                 for i in range(1, v + 1)), default=0.0)
+    return min(beta + 2 * m * delta * alpha, 1.0)
+
+
+@pytest.mark.parametrize(("m", "r", "v"), [(10, 10, 10), (100, 40, 31), (1000, 100, 90),
+                                           (100, 10, 0)])
+@pytest.mark.parametrize("eps", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("delta", [0.0, 1e-6, 1e-2])
+def test_one_run_p_value_is_the_snj_formula(m, r, v, eps, delta):
+    assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(
+        _naive_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+
+
+def test_one_run_bound_is_the_largest_rejected_epsilon():
+    eps = one_run_epsilon(1000, 200, 190, delta=1e-5)
+    assert one_run_p_value(1000, 200, 190, eps - 1e-6, 1e-5) < 0.05
+    assert one_run_p_value(1000, 200, 190, eps + 1e-4, 1e-5) >= 0.05
+    assert one_run_epsilon(1000, 200, 100, delta=1e-5) == 0.0  # chance level: nothing
+    with pytest.raises(AccountingError, match=r"correct=5 must be in \[0, guesses=4\]"):
+        one_run_p_value(10, 4, 5, 1.0, 0.0)
+
+
+def test_roc_frontier_drops_dominated_thresholds():
+    tp, fp = roc_frontier([0, 4, 6, 7], [1, 2, 3, 5])
+    frontier = list(zip(fp.tolist(), tp.tolist(), strict=True))
+    assert frontier == [(4, 4), (1, 3), (0, 2), (0, 0)]  # (FP, TP) from low to high threshold
+
+
+def test_ceiling_bounds_a_perfect_attack():
+    bound = one_run_epsilon_from_scores(np.ones(500), np.zeros(500), delta=1e-5)
+    assert bound.epsilon_lower == pytest.approx(bound.ceiling)
+    assert 4.0 < bound.ceiling < 6.0  # ~log(r/3): a loose alarm, never "the privacy"
+
+
+# ----------------------------------------------------------------------------- group privacy
+
+
+def test_group_privacy_standard_bound():
+    single = group_privacy(1.0, 1e-6, 1)
+    assert (single.epsilon, single.delta) == (1.0, 1e-6)
+    group = group_privacy(1.0, 1e-6, 3)
+    assert group.epsilon == 3.0
+    assert group.delta == pytest.approx(1e-6 * (1 + math.e + math.e ** 2))
+    assert group.delta <= 3 * math.exp(2.0) * 1e-6  # the usual k e^{(k−1)ε} δ form
+    assert group_privacy(0.0, 1e-6, 4).delta == pytest.approx(4e-6)
+    with pytest.raises(AccountingError, match="k=0 must be an integer ≥ 1"):
+        group_privacy(1.0, 1e-6, 0)
+
+
+def test_gaussian_group_privacy_is_k_mu():
+    assert gaussian_group_epsilon(0.5, 2, 1e-5).epsilon == pytest.approx(gdp_epsilon(1.0, 1e-5))
+    # Tighter than the generic bound at the same δ.
+    generic = group_privacy(gdp_epsilon(0.5, 1e-5 / 2 / math.e), 1e-5 / 2 / math.e, 2)
+    assert gaussian_group_epsilon(0.5, 2, generic.delta).epsilon < generic.epsilon
+
+
+# ----------------------------------------------------------------------------- run directories
+
+N, B, SIGMA, ROUNDS, STEPS = 1000, 10, 1.0, 2, 5
+
+
+def _write(path, data):
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+
+
+def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson",
+             allow_large_delta=False, delta=1e-5, extra_steps=None, nonprivate=False,
+             claim_scale=1.0):
+    """A run directory shaped like run_federation's, with a real ledger."""
+    directory = str(directory)
+    os.makedirs(directory, exist_ok=True)
+    sizes = {f"client-{i}": N for i in range(clients)}
+    ledger = PrivacyLedger(
+        dataset_sizes=sizes, target_epsilon=3.0, target_delta=delta,
+        allow_large_delta=allow_large_delta,
+        metadata={"seed_mode": seed_mode, "noise_is_release": seed_mode != "seeded",
+                  "sampling": sampling, "noise_multiplier": SIGMA, "max_grad_norm": 0.1,
+                  "dp_level": "example"})
+    step = PoissonSampledDpEvent(B / N, GaussianDpEvent(SIGMA))
+    for r in range(ROUNDS):
+        for cid in sizes:
+            ledger.record(cid, step, count=STEPS, round_index=r)
+    if nonprivate:
+        ledger.record("client-0", NonPrivateDpEvent(), kind="init")
+    for cid, count in (extra_steps or {}).items():
+        ledger.record(cid, step, count=count, round_index=ROUNDS)
+    ledger.save(os.path.join(directory, "ledger.json"))
+    settings = {"epsilon": 3.0, "delta": delta, "dp_level": "example", "max_grad_norm": 0.1,
+                "batch_size": B, "rounds": ROUNDS, "local_steps": STEPS, "participation": 1.0,
+                "clients": clients, "seed": 1 if seed_mode == "seeded" else None,
+                "out": directory}
+    digest = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "out"},
+                                       sort_keys=True).encode()).hexdigest()
+    _write(os.path.join(directory, "config.json"), {"config": settings, "digest": digest})
+    _write(os.path.join(directory, "provenance.json"), {
+        "config_digest": digest, "versions": {"opacus": "1.6.0"},
+        "seed_mode": "seeded: not a private release" if seed_mode == "seeded" else
+        "os-entropy: DP noise drawn from OS entropy"})
+    result = federation_epsilon(PrivacyLedger.load(os.path.join(directory, "ledger.json")))
+    _write(os.path.join(directory, "summary.json"), {
+        "seed_mode": seed_mode, "status": "completed",
+        "privacy": {"epsilon": result.epsilon * claim_scale, "accountant": "prv",
+                    "delta": delta,
+                    "per_client_epsilon": {c: r.epsilon * claim_scale
+                                           for c, r in result.per_client.items()}}})
+    _write(os.path.join(directory, "progress.json"), {"noise_multiplier": SIGMA,
+                                                      "completed_rounds": ROUNDS})
+    with open(os.path.join(directory, "metrics.jsonl"), "w") as fh:
+        for r in range(ROUNDS):
+            fh.write(json.dumps({"round": r + 1, "participants": list(sizes)}) + "\n")
+    return directory
+
+
+def _check(report, name):
+    return next(c for c in report.checks if c[0] == name)
+
+
+def test_clean_run_passes_with_invariants(tmp_path):
+    report = audit_run(make_run(tmp_path / "run"))
+    assert report.passed, report.format()
+    assert "PASS" in report.verdict
+    table = report.epsilons
+    assert list(table["client"]) == ["client-0", "client-1"]
+    assert (table["steps"] == ROUNDS * STEPS).all()
+    row = table.iloc[0]
+    assert row["prv_lower"] <= row["pld"] * (1 + 1e-3)
+    assert row["pld"] <= row["prv_upper"] * (1 + 1e-3) and row["prv_upper"] <= row["rdp"]
+    assert report.federation["prv_upper"] == pytest.approx(row["prv_upper"])
+    assert "audit of" in report.format()
+
+
+def test_tampered_ledger_is_rejected(tmp_path):
+    path = make_run(tmp_path / "run")
+    ledger_file = os.path.join(path, "ledger.json")
+    document = json.load(open(ledger_file))
+    document["body"]["entries"][0]["count"] -= 4  # fewer steps charged, hash left as it was
+    _write(ledger_file, document)
+    report = audit_run(path)
+    assert not report.passed
+    name, ok, detail = _check(report, "ledger integrity")
+    assert not ok and "sha256" in detail
+    assert load_run(path).ledger is None
+
+
+def test_understated_claim_is_flagged(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", claim_scale=0.9))
+    _, ok, detail = _check(report, "claim matches recomputation")
+    assert not ok and "UNDERSTATES" in detail
+    assert not report.passed and "claim matches recomputation" in report.verdict
+
+
+def test_nonprivate_release_is_flagged(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", nonprivate=True))
+    _, ok, detail = _check(report, "private releases only")
+    assert not ok and "client-0" in detail
+    assert math.isinf(report.epsilons.set_index("client").loc["client-0", "pld"])
+    assert not report.passed
+
+
+def test_large_delta_is_flagged(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", delta=1e-3, allow_large_delta=True))
+    _, ok, detail = _check(report, "delta < 1/N")
+    assert not ok and "override" in detail
+
+
+def test_seeded_run_is_flagged_as_not_a_release(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", seed_mode="seeded"))
+    _, ok, detail = _check(report, "noise is a private release")
+    assert not ok and "SEEDED" in detail
+    assert _check(report, "provenance")[1]  # consistently marked: only the flag fails
+
+
+def test_non_poisson_sampling_is_flagged(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", sampling="shuffle"))
+    assert not _check(report, "Poisson sampling")[1]
+
+
+def test_client_with_unplanned_steps_is_flagged(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", extra_steps={"client-1": 3}))
+    _, ok, detail = _check(report, "steps match the plan")
+    assert not ok and "client-1 13≠10" in detail
+
+
+def test_edited_config_is_flagged(tmp_path):
+    path = make_run(tmp_path / "run")
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["config"]["max_grad_norm"] = 1.0  # digest not updated
+    _write(os.path.join(path, "config.json"), config)
+    _, ok, detail = _check(audit_run(path), "config")
+    assert not ok and "digest" in detail and "clip norm" in detail
+
+
+def test_sweep_audits_every_run(tmp_path):
+    make_run(tmp_path / "sweep" / "a")
+    make_run(tmp_path / "sweep" / "b", seed_mode="seeded")
+    report = audit_sweep(str(tmp_path / "sweep"))
+    assert not report.passed
+    assert {"a", "b"} == set(report.epsilons["run"])
+    assert [c[0] for c in report.failures] == ["b/noise is a private release"]
+    with pytest.raises(AccountingError, match="neither a run directory"):
+        audit_sweep(str(tmp_path))
+
+
+def test_audit_modules_stay_torch_free():
+    code = ("import sys, accounting.audit, accounting.empirical; "
+            "bad = [m for m in ('torch', 'fedsb_dp', 'opacus') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,186 @@
+"""Empirical audits of the real client step: the many-run step audit (with four mutants that
+must be caught), the one-run canary audit through DPClient.train_round, and ``fedsb-dp audit``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers import optimizer as opacus_optimizer
+
+from fedsb_dp.audit.one_run import one_run_audit, tiny_setting
+from fedsb_dp.audit.step import real_step_matches, step_audit
+from fedsb_dp.federated.client import DPClient
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "accounting"))
+from test_run_audit import make_run  # noqa: E402  (the synthetic run-directory builder)
+
+DRAWS = 100_000
+
+
+def test_batched_release_is_the_real_optimizer_step():
+    assert real_step_matches(1.0, draws=10)
+    assert real_step_matches(0.5, draws=5, optimizer="adamw", learning_rate=0.1)
+
+
+@pytest.mark.parametrize(("sigma", "epsilon_true"), [(0.5, 9.997), (1.0, 4.377), (2.0, 1.993)])
+def test_step_audit_recovers_the_true_epsilon_and_stays_below_the_claim(sigma, epsilon_true):
+    result = step_audit(sigma, draws=DRAWS)
+    assert result.mu_hat == pytest.approx(1 / sigma, rel=0.02)
+    assert result.epsilon_true == pytest.approx(epsilon_true, abs=1e-3)
+    assert 0.95 <= result.recovered <= 1.0
+    assert result.epsilon_lower <= result.epsilon_claimed
+    assert not result.flagged
+
+
+# ------------------------------------------------------------------ mutants of the DP step
+# Each fixture patches one piece of Opacus' DPOptimizer as the client builds it; the audit of
+# the patched step must flag it (lower bound above the accountant's claim for σ).
+
+
+@pytest.fixture()
+def noise_halved(monkeypatch):
+    original = opacus_optimizer._generate_noise
+
+    def half(std, reference, generator=None, secure_mode=False):
+        return original(std / 2, reference, generator, secure_mode)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", half)
+
+
+@pytest.fixture()
+def clip_too_large(monkeypatch):
+    original = DPOptimizer.clip_and_accumulate
+
+    def clip_at_1_2c(self):
+        self.max_grad_norm, saved = 1.2 * self.max_grad_norm, self.max_grad_norm
+        try:
+            original(self)
+        finally:
+            self.max_grad_norm = saved  # noise still calibrated to C
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", clip_at_1_2c)
+
+
+@pytest.fixture()
+def no_clipping(monkeypatch):
+    original = DPOptimizer.clip_and_accumulate
+
+    def unclipped(self):
+        self.max_grad_norm, saved = float("inf"), self.max_grad_norm
+        try:
+            original(self)
+        finally:
+            self.max_grad_norm = saved
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", unclipped)
+
+
+@pytest.fixture()
+def noise_on_mean(monkeypatch):
+    # Noise added to the mean instead of the sum: the clipped sum is divided by b first, and the
+    # noise — already scaled down to the mean's sensitivity C/b — is then divided by b again as
+    # if it still had to be averaged. The mean S/b carries noise σC/b² instead of σC/b.
+    def add_noise_to_mean(self):
+        for p in self.params:
+            denominator = self.expected_batch_size * self.accumulated_iterations
+            mean = p.summed_grad / denominator
+            noise = opacus_optimizer._generate_noise(
+                std=self.noise_multiplier * self.max_grad_norm / denominator, reference=mean,
+                generator=self.generator)
+            p.grad = (mean + noise / denominator).view_as(p)
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", add_noise_to_mean)
+    monkeypatch.setattr(DPOptimizer, "scale_grad", lambda self: None)
+
+
+@pytest.mark.parametrize("mutant", ["noise_halved", "clip_too_large", "no_clipping",
+                                    "noise_on_mean"])
+def test_step_audit_flags_every_mutant(mutant, request):
+    request.getfixturevalue(mutant)
+    result = step_audit(1.0, draws=DRAWS, mutation=mutant)
+    assert result.flagged, (f"{mutant} not detected: ε lower bound {result.epsilon_lower:.3f} "
+                            f"≤ claim {result.epsilon_claimed:.3f}")
+    assert result.epsilon_lower > result.epsilon_claimed
+
+
+# ------------------------------------------------------------------ one-run audit
+
+
+def test_canary_hook_with_no_rows_leaves_training_bit_identical():
+    client, private, config, close = tiny_setting(local_steps=2)
+    model = private._module
+    start = {k: v.clone() for k, v in
+             __import__("fedsb_dp.adapters", fromlist=["x"]).trainable_state(model).items()}
+
+    def run(**kwargs):
+        return client.train_round(private, start, config,
+                                  noise_generator=torch.Generator().manual_seed(1),
+                                  sampling_generator=torch.Generator().manual_seed(2),
+                                  dropout_seed=3, **kwargs).state
+
+    try:
+        plain, hooked = run(), run(canary_gradients=lambda step: {})
+    finally:
+        close()
+    assert all(torch.equal(plain[k], hooked[k]) for k in plain)
+
+
+def test_one_run_audit_does_not_flag_the_real_step():
+    client, private, config, close = tiny_setting()
+    try:
+        result = one_run_audit(client, private, config, canaries=1000, delta=1e-5)
+    finally:
+        close()
+    assert result.steps == config.local_steps and result.sampling_probability == 0.5
+    assert result.in_scores.mean() > result.out_scores.mean()  # canaries are in the sum
+    assert 0 <= result.epsilon_lower <= result.bound.ceiling
+    assert not result.flagged
+
+
+def test_one_run_audit_flags_a_step_with_almost_no_noise(monkeypatch):
+    original = opacus_optimizer._generate_noise
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise",
+                        lambda std, reference, generator=None, secure_mode=False:
+                        original(std / 30, reference, generator, secure_mode))
+    client, private, config, close = tiny_setting()
+    try:
+        result = one_run_audit(client, private, config, canaries=1000, delta=1e-5)
+    finally:
+        close()
+    assert result.flagged, (result.epsilon_lower, result.epsilon_claimed)
+
+
+def test_canary_rows_must_cover_every_parameter():
+    client, private, config, close = tiny_setting(local_steps=1)
+    model = private._module
+    state = __import__("fedsb_dp.adapters", fromlist=["x"]).trainable_state(model)
+    first = next(p for p in model.parameters() if p.requires_grad)
+    try:
+        with pytest.raises(Exception, match="same number of rows"):
+            client.train_round(private, state, config,
+                               noise_generator=torch.Generator().manual_seed(1),
+                               sampling_generator=torch.Generator().manual_seed(2),
+                               canary_gradients=lambda s: {first: torch.zeros(1, *first.shape)})
+    finally:
+        close()
+    assert isinstance(client, DPClient)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_audit_exit_codes(tmp_path, capsys):
+    from fedsb_dp.cli import main
+
+    clean = make_run(tmp_path / "clean")
+    assert main(["audit", clean]) == 0
+    assert "PASS" in capsys.readouterr().out
+    seeded = make_run(tmp_path / "seeded", seed_mode="seeded")
+    assert main(["audit", seeded, "--empirical", "--draws", "20000"]) == 1
+    out = capsys.readouterr().out
+    assert "SEEDED" in out and "empirical step audit" in out
+    assert main(["audit", str(tmp_path / "missing")]) == 2
