@@ -1,0 +1,59 @@
+"""``fedsb-dp run --engine flower-sim``: the Flower app on Flower's simulation engine.
+
+One virtual SuperNode per client (``partition-id`` i of ``num-partitions`` N is set by the
+simulation engine); ClientApps run in Ray actors, the ServerApp in this process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fedsb_dp.errors import FedSBError
+from fedsb_dp.federated import run_dir as rd
+from fedsb_dp.federated.engine import RunResult
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.flower.common import check_supported
+from fedsb_dp.flower.run_config import FlowerOptions
+
+
+def run_flower_simulation(config: RunConfig, *, options: FlowerOptions | None = None,
+                          cpus_per_client: float = 1.0, verbose: bool = False) -> RunResult:
+    """Run the federation with ``flwr.simulation.run_simulation``.
+
+    Args:
+        config: The run's settings (``config.out`` defaults to ``runs/run-<timestamp>``).
+        options: Flower-only settings (timeouts).
+        cpus_per_client: Ray CPUs per ClientApp actor (how many train in parallel).
+        verbose: Flower's verbose logging.
+
+    Returns:
+        Where the run is, how it ended, and its summary.
+
+    Raises:
+        FedSBError: If the server app ended without writing ``summary.json``.
+
+    """
+    from flwr.simulation import run_simulation
+
+    from fedsb_dp.flower.client_app import app as client_app
+    from fedsb_dp.flower.server_app import make_server_app
+
+    check_supported(config)
+    out = os.path.abspath(config.out or rd.default_run_dir())
+    rd.check_new_run_dir(out)
+    config = RunConfig.from_dict({**config.to_dict(), "out": out})
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_simulation(
+        server_app=make_server_app(config, options or FlowerOptions()),
+        client_app=client_app,
+        num_supernodes=config.clients,
+        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                        "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
+        verbose_logging=verbose,
+    )
+    summary_path = os.path.join(out, rd.SUMMARY)
+    if not os.path.exists(summary_path):
+        raise FedSBError(f"the Flower simulation ended without {summary_path}; the server "
+                         "app's error is in the log above")
+    summary = rd.read_json(summary_path)
+    return RunResult(run_dir=out, status=summary["status"], summary=summary)

@@ -1,0 +1,156 @@
+"""The Flower adapters without a SuperLink: run-config mapping, wire format, and the server's
+handling of clients that die or send bad replies (a fake in-process Grid)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+
+from accounting import PrivacyLedger  # noqa: E402
+from fedsb_dp.errors import ConfigError  # noqa: E402
+from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
+from fedsb_dp.flower import client_app  # noqa: E402
+from fedsb_dp.flower.common import check_supported, records_to_update  # noqa: E402
+from fedsb_dp.flower.run_config import FlowerOptions, from_flower, to_flower  # noqa: E402
+from fedsb_dp.flower.server_app import run_server  # noqa: E402
+
+TINY = dict(max_train_records=120, max_eval_records=16, clients=2, rounds=3, local_steps=1,
+            batch_size=8, max_length=16, rank=4, seed=11, epsilon=8.0, accountant="rdp",
+            init="random-orthonormal")
+
+
+def test_run_config_round_trip_and_errors():
+    config = RunConfig(epsilon=2.0, targets=("query", "value"), seed=3, max_train_records=9)
+    assert from_flower(to_flower(config))[0] == config
+    values = to_flower(RunConfig(epsilon=1.0))
+    assert from_flower({**values, "seed": ""})[0].seed is None
+    assert from_flower({**values, "no-dp": True})[0].private is False
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        from_flower({**values, "num-server-rounds": 3})
+    with pytest.raises(ConfigError, match="round_timeout=0"):
+        from_flower({**values, "round-timeout": 0})
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"dp_level": "client"}, "record-level"),
+    ({"init": "gradient-svd", "init_source": "public"}, "data-free"),
+    ({"method": "fedit"}, "'fedsb' only"),
+])
+def test_unsupported_settings_are_refused(change, match):
+    with pytest.raises(ConfigError, match=match):
+        check_supported(RunConfig(epsilon=1.0, **change))
+
+
+def test_malformed_reply_is_a_config_error():
+    with pytest.raises(ConfigError, match="malformed train reply"):
+        records_to_update(RecordDict())
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; give the test process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+class FakeGrid:
+    """Delivers messages to in-process ClientApp handlers; ``faults`` maps
+    (round, client index) → "raise" (the client dies) or a tampering function."""
+
+    def __init__(self, num_nodes: int, faults: dict | None = None) -> None:
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.faults = faults or {}
+        self.sent: list[tuple[str, int]] = []
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            index = self.node_ids.index(node)
+            kind = message.metadata.message_type
+            self.sent.append((kind, index))
+            context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                              node_config={"partition-id": index,
+                                           "num-partitions": len(self.node_ids)})
+            if kind == "query":
+                replies.append(client_app.handle_query(message, context))
+                continue
+            fault = self.faults.get((int(message.metadata.group_id), index))
+            if fault == "raise":
+                replies.append(Message(Error(code=1, reason="client crashed mid-round"),
+                                       reply_to=message))
+                continue
+            reply = client_app.handle_train(message, context)
+            replies.append(fault(reply) if fault else reply)
+        return replies
+
+
+def _wrong_steps(reply: Message) -> Message:
+    reply.content.config_records["privacy"]["steps"] = 7
+    return reply
+
+
+def _run(tmp_path, name, faults, **overrides):
+    config = RunConfig(**{**TINY, **overrides, "out": str(tmp_path / name)})
+    grid = FakeGrid(config.clients, faults)
+    summary = run_server(grid, config, FlowerOptions(round_timeout=60, node_wait_timeout=5))
+    out = str(tmp_path / name)
+    ledger = PrivacyLedger.load(os.path.join(out, "ledger.json"))
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return summary, ledger, metrics, grid
+
+
+def test_dead_and_lying_clients_are_charged_and_the_run_continues(tmp_path):
+    summary, ledger, metrics, grid = _run(
+        tmp_path, "run", {(2, 1): "raise", (3, 1): _wrong_steps})
+    assert summary["status"] == "completed"
+    # Round 2: client-1 died after receiving instructions; client-0 alone is aggregated.
+    assert metrics[1]["aggregated"] and metrics[1]["valid"] == ["client-0"]
+    assert "client crashed" in metrics[1]["dropped"]["client-1"]
+    # Round 3: client-1 claims 7 steps; the reply is rejected and the round not aggregated.
+    assert not metrics[2]["aggregated"] and "7 steps" in metrics[2]["rejected"]["client-1"]
+    assert summary["rounds_failed"] == [3] and summary["rounds_aggregated"] == 2
+    # Everyone who was sent instructions is charged for every round, replies or not.
+    assert {c: ledger.steps(c) for c in ledger.clients} == {"client-0": 3, "client-1": 3}
+    assert ledger.pending == []
+    assert 0 < summary["privacy"]["epsilon"] <= TINY["epsilon"]
+    assert [k for k, _ in grid.sent].count("train") == 6
+    # The checkpoint is the last aggregated R̄ (round 2), untouched by the rejected round.
+    assert os.path.exists(tmp_path / "run" / "checkpoint.safetensors")
+
+
+def test_too_few_replies_fail_the_round_cleanly(tmp_path):
+    summary, ledger, metrics, _ = _run(tmp_path, "strict", {(1, 0): "raise"}, rounds=2,
+                                       min_clients=2)
+    assert [m["aggregated"] for m in metrics] == [False, True]
+    assert metrics[0]["dropped"] and metrics[0]["validation_accuracy"] is None
+    assert summary["status"] == "completed" and summary["rounds_failed"] == [1]
+    assert {c: ledger.steps(c) for c in ledger.clients} == {"client-0": 2, "client-1": 2}
+
+
+def test_a_node_with_other_factors_is_refused_at_setup(tmp_path, monkeypatch):
+    original = client_app.handle_query
+
+    def lying_query(message, context):
+        reply = original(message, context)
+        if context.node_config["partition-id"] == 1:
+            reply.content.config_records["client"]["fingerprint"] = "0" * 64
+        return reply
+
+    monkeypatch.setattr(client_app, "handle_query", lying_query)
+    with pytest.raises(Exception, match="derived frozen factors"):
+        _run(tmp_path, "mismatch", {}, rounds=1)
+    assert not (tmp_path / "mismatch" / "ledger.json").exists()  # nothing spent or written
+    assert torch.get_num_threads() >= 1
