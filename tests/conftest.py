@@ -21,10 +21,10 @@ def rotten_tomatoes():
 
 @pytest.fixture()
 def minilm():
-    """The real default model (fresh per test: tests modify it in place)."""
+    """The real default model with its [CLS] pooler (fresh per test: modified in place)."""
     from fedsb_dp.models import load_model
 
-    return load_model()
+    return load_model(pooling="cls")
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0):

@@ -209,7 +209,8 @@ def test_peft_export_matches_outputs_on_minilm(minilm, tmp_path):
     with torch.no_grad():
         ours = model(**batch).logits
     export_peft_adapter(model, str(tmp_path / "peft"), base_model=minilm.resolved_path)
-    base = load_model(head_seed=123).model.eval()  # different head: must be overridden
+    # A different head, which the export must override.
+    base = load_model(head_seed=123, pooling="cls").model.eval()
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     with torch.no_grad():
         theirs = loaded(**batch).logits

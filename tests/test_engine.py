@@ -32,7 +32,7 @@ def _steps_per_client(ledger: PrivacyLedger) -> dict[str, int]:
 
 
 def test_private_run_end_to_end(tmp_path):
-    config = _config(tmp_path)
+    config = _config(tmp_path, pooling="cls")  # PEFT export needs the [CLS] pooler
     result = run_federation(config, progress=False, export_peft=True)
     assert result.status == "completed"
     s = result.summary

@@ -158,11 +158,26 @@ def unwrap_adapters(model: nn.Module, *, merge: bool) -> nn.Module:
     return model
 
 
+def _check_exportable(model: nn.Module) -> None:
+    from fedsb_dp.models import pooling_of
+
+    if pooling_of(model) == "mean":
+        raise ConfigError(
+            "this classifier reads a mean pooler, which a plain transformers or PEFT model "
+            "cannot express (it would load with an untrained [CLS] pooler and predict "
+            "differently); keep the saved LoRA-SB adapter, or train with pooling='cls'")
+
+
 def save_merged(model: nn.Module, directory: str, tokenizer: object | None = None) -> None:
     """Save a plain ``transformers`` model with W0 + s·B R A merged (``save_pretrained``).
 
     The live model is left untouched: a copy is merged.
+
+    Raises:
+        ConfigError: If the classifier reads a mean pooler (not expressible as a plain
+            ``transformers`` model).
     """
+    _check_exportable(model)
     merged = unwrap_adapters(copy.deepcopy(model), merge=True)
     for p in merged.parameters():
         p.requires_grad_(True)
@@ -193,6 +208,7 @@ def export_peft_adapter(
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
+    _check_exportable(model)
     layers = sb_layers(model)
     if not layers:
         raise ConfigError("the model has no LoRA-SB layers to export")

@@ -126,6 +126,10 @@ def trainable_modules(model: nn.Module, *, train_head: bool,
         if pooler is None:
             raise ModelStructureError(
                 f"train_pooler=True but {type(model).__name__} has no pooler feeding its head")
+        if not any(True for _ in pooler[1].parameters()):
+            raise ModelStructureError(
+                "train_pooler=True but the classifier reads a parameter-free mean pooler; "
+                "there is nothing to train (use pooling='cls' to train the [CLS] pooler)")
         modules[pooler[0]] = pooler[1]
     return modules
 

@@ -74,7 +74,7 @@ from fedsb_dp.methods.state import (
     load_tensors,
     lora_adapter_tensors,
 )
-from fedsb_dp.models import load_model
+from fedsb_dp.models import load_model, pooling_of
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
         check_delta(delta, n_total=units, allow_large=config.allow_large_delta)
     for frame in frames.values():
         sampling_probability(config.batch_size, len(frame))  # raises with a clear message
-    loaded = load_model(config.model, task=TASK, num_labels=data.num_labels)
+    loaded = load_model(config.model, task=TASK, num_labels=data.num_labels,
+                        pooling=config.pooling)
     if not config.model_dropout:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -399,6 +400,10 @@ def run_federation(
         model = setup.loaded.model
         sb = _sb_config(config)
         method = _method(config)
+        if (export_merged or export_peft) and pooling_of(model) == "mean":
+            raise ConfigError("--export-merged/--export-peft cannot express the mean pooler "
+                              "this model's classifier reads; add --pooling cls, or keep the "
+                              "saved adapter")
         # Rank against every target before any privacy work.
         find_target_modules(model, sb.resolved_targets(model.config.model_type), rank=config.rank)
         if config.private:

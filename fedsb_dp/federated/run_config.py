@@ -15,7 +15,7 @@ from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.methods import method_class
-from fedsb_dp.models import DEFAULT_MODEL
+from fedsb_dp.models import DEFAULT_MODEL, POOLINGS
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
 DP_LEVELS = ("example", "client")
@@ -52,6 +52,7 @@ class RunConfig:
     targets: tuple[str, ...] | None = None
     train_head: bool = True
     train_pooler: bool = False
+    pooling: str = "auto"
     adapter_dropout: float = 0.0
     model_dropout: bool = True
     init: str = "w0-svd"
@@ -109,6 +110,7 @@ class RunConfig:
         self._choice("init", INIT_METHODS)
         self._choice("init_source", GRADIENT_SOURCES)
         self._choice("optimizer", OPTIMIZERS)
+        self._choice("pooling", POOLINGS)
         for name in ("rank", "clients", "rounds", "local_steps", "batch_size",
                      "max_physical_batch_size", "max_length", "init_examples", "min_clients"):
             value = getattr(self, name)

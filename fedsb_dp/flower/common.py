@@ -89,7 +89,8 @@ def build_model(config: RunConfig, *, num_labels: int, init_seed: int) -> Loaded
     The head is drawn from a fixed seed by :func:`fedsb_dp.models.load_model`.
     """
     check_supported(config)
-    loaded = load_model(config.model, task=TASK, num_labels=num_labels)
+    loaded = load_model(config.model, task=TASK, num_labels=num_labels,
+                        pooling=config.pooling)
     if not config.model_dropout:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):
