@@ -7,9 +7,9 @@ import logging
 import math
 import os
 import sys
-import warnings
 from typing import Any
 
+from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.errors import FedSBError
 
 # Flag → (RunConfig field, type, help). Defaults come from RunConfig itself.
@@ -222,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # dp_accounting's RDP warns per skipped order at small σ (calibration probes those); the
-    # skipped orders only loosen that cross-check, so keep the console readable.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    # With only R trainable no layer input requires grad, so torch notes that full backward
-    # hooks see module outputs only — which is all Opacus' Linear grad sampler reads.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    quiet_expected_warnings()
     if not args.verbose:
         import transformers
 
