@@ -94,12 +94,15 @@ def _stepper(variant: str, rank: int, batch_size: int, seq: int):
 
 def _memory(variant: str, args: argparse.Namespace) -> float:
     """Peak RSS (GB) of a fresh process that loads one variant and runs two steps."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would
+    # report the parent's peak; VmHWM belongs to the child's own address space.
     code = (
-        "import resource, sys; sys.path.insert(0, 'benchmarks');"
+        "import sys; sys.path.insert(0, 'benchmarks');"
         "import dp_overhead as b;"
         f"step, _ = b._stepper({variant!r}, {args.rank}, {args.batch}, {args.seq});"
         "step(); step();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)"
+        "line = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0];"
+        "print(int(line.split()[1]) / 1e6)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
