@@ -64,6 +64,7 @@ def _plots(summary, directory: str) -> list[str]:
         ticks = sorted(positions.items(), key=lambda item: item[1])
         ax.set_xticks([x for _, x in ticks],
                       [f"{e:g}" if math.isfinite(e) else "∞" for e, _ in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("target ε (∞ = non-private)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"partition: {partition}")
