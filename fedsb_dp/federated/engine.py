@@ -170,7 +170,11 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
         collate=collate, loaded=loaded, delta=delta, n_total=n_total,
         num_labels=data.num_labels, label_names=data.label_names,
         partition={"spec": "pooled" if config.method_is_central else config.partition,
-                   "seed": partition_seed, "clients": report},
+                   "seed": partition_seed, "clients": report,
+                   # Exact counts of private labels: operator-side diagnostics of the
+                   # simulation, never sent by a client (the Flower path has no such file).
+                   "privacy": "not a DP release: exact per-client label counts; do not "
+                              "publish with the model"},
     )
 
 
@@ -199,8 +203,9 @@ def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
             for cid in client_ids}
 
 
-def _participants(config: RunConfig, streams: RandomStreams, round_index: int,
-                  client_ids: list[str]) -> list[str]:
+def round_participants(config: RunConfig, streams: RandomStreams, round_index: int,
+                       client_ids: list[str]) -> list[str]:
+    """The clients of a round: all, or a seeded sample (shared with the Flower strategy)."""
     if config.participation >= 1.0:
         return list(client_ids)
     count = max(config.min_clients, round(config.participation * len(client_ids)))
@@ -272,8 +277,11 @@ def _local_config(config: RunConfig, sigma: float) -> LocalTrainingConfig:
     )
 
 
-def _epsilon_report(ledger_path: str, delta: float, accountant: str) -> dict[str, Any]:
-    """ε recomputed from the ledger file on disk — never a number carried in memory."""
+def epsilon_report(ledger_path: str, delta: float, accountant: str) -> dict[str, Any]:
+    """ε recomputed from the ledger file on disk — never a number carried in memory.
+
+    Shared by the in-process engine and the Flower ServerApp, so both report the same keys.
+    """
     ledger = PrivacyLedger.load(ledger_path)
     result = federation_epsilon(ledger, delta=delta, accountant=accountant)
     per_client = {cid: r.epsilon for cid, r in result.per_client.items()}
@@ -474,7 +482,7 @@ def run_federation(
                 step_events = {FEDERATION: (_round_event(config, sigma)
                                             if config.private else NonPrivateDpEvent(), 1)}
             else:
-                participants = _participants(config, setup.streams, round_index, client_ids)
+                participants = round_participants(config, setup.streams, round_index, client_ids)
                 step_events = {
                     cid: (local.step_event(setup.clients[cid].num_records)
                           if config.private else NonPrivateDpEvent(), config.local_steps)
@@ -544,7 +552,7 @@ def run_federation(
                              for cid in client_ids})
             metrics = evaluate_classifier(model, setup.validation, setup.collate,
                                           num_labels=setup.num_labels)
-            eps = (_epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
+            eps = (epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
                    if config.private else {"epsilon": math.inf})
             rd.append_jsonl(paths[rd.METRICS], {
                 "round": round_index + 1, "participants": participants,
@@ -577,7 +585,7 @@ def run_federation(
     if export_peft:
         export_peft_adapter(model, os.path.join(out, "peft_adapter"),
                             base_model=setup.loaded.resolved_path)
-    eps = (_epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
+    eps = (epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
            if config.private else {"epsilon": math.inf, "delta": setup.delta,
                                    "per_client_epsilon": {}})
     summary = {

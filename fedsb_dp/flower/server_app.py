@@ -35,7 +35,6 @@ from accounting import (
     calibrate_noise_multiplier,
     check_delta,
     default_delta,
-    federation_epsilon,
 )
 from fedsb_dp.adapters import frozen_fingerprint, save_sb_adapter, trainable_state
 from fedsb_dp.adapters.export import set_trainable_state
@@ -43,7 +42,7 @@ from fedsb_dp.data import TokenizedDataset, load_text_classification, make_colla
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import sampling_probability
-from fedsb_dp.federated.engine import _local_config, _plan
+from fedsb_dp.federated.engine import _local_config, _plan, epsilon_report
 from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.flower.common import (
@@ -62,22 +61,6 @@ from fedsb_dp.rng import RandomStreams
 logger = logging.getLogger(__name__)
 
 ENGINE = "flower"
-
-
-def epsilon_report(ledger_path: str, delta: float, accountant: str) -> dict[str, Any]:
-    """ε recomputed from the ledger file on disk (the engine's report, same keys)."""
-    ledger = PrivacyLedger.load(ledger_path)
-    result = federation_epsilon(ledger, delta=delta, accountant=accountant)
-    worst = result.per_client[result.worst_client] if result.per_client else None
-    return {
-        "epsilon": result.epsilon,
-        "epsilon_lower": worst.lower if worst else None,
-        "epsilon_estimate": worst.estimate if worst else None,
-        "accountant": worst.accountant if worst else accountant,
-        "fallback_reason": worst.fallback_reason if worst else None,
-        "delta": delta,
-        "per_client_epsilon": {cid: r.epsilon for cid, r in result.per_client.items()},
-    }
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

@@ -30,23 +30,13 @@ from flwr.serverapp.strategy import Strategy
 from accounting import BudgetGuard, NonPrivateDpEvent, PrivacyLedger
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated.client import LocalTrainingConfig
+from fedsb_dp.federated.engine import round_participants
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
 from fedsb_dp.flower.common import SetupInfo, records_to_update, state_to_record
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
-
-
-def participants(config: RunConfig, streams: RandomStreams, round_index: int,
-                 client_ids: list[str]) -> list[str]:
-    """The clients of a round: all, or a seeded sample (the engine's rule and stream)."""
-    if config.participation >= 1.0:
-        return list(client_ids)
-    count = max(config.min_clients, round(config.participation * len(client_ids)))
-    chosen = streams.numpy("participation", round_index).choice(
-        len(client_ids), size=count, replace=False)
-    return [client_ids[i] for i in sorted(chosen)]
 
 
 @dataclass
@@ -125,7 +115,7 @@ class FedSBStrategy(Strategy):
 
         """
         round_index = server_round - 1
-        chosen = participants(self.config, self.streams, round_index, self.client_ids)
+        chosen = round_participants(self.config, self.streams, round_index, self.client_ids)
         events = {cid: (self._step_event(cid), self.config.local_steps) for cid in chosen}
         token = self.guard.reserve_round(events, round_index=round_index)
         self.ledger.save(self.ledger_path)

@@ -158,3 +158,12 @@ def mean_of_products(states: Sequence[Mapping[str, torch.Tensor]], p: Sequence[f
         total = total + weight * scaling * (B @ A)
     return total
 
+
+
+def stacked_factors(states: Sequence[Mapping[str, torch.Tensor]], p: Sequence[float],
+                    name: str, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[p₁s·B₁ … p_cs·B_c] and [A₁; …; A_c] of one LoRA layer: their product is Σ pᵢ s·BᵢAᵢ."""
+    B = torch.cat([w * scaling * s[f"{name}.lora_B.weight"] for w, s in zip(p, states,
+                                                                           strict=True)], dim=1)
+    A = torch.cat([s[f"{name}.lora_A.weight"] for s in states], dim=0)
+    return B, A

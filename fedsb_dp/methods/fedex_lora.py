@@ -15,7 +15,12 @@ from torch import nn
 
 from fedsb_dp.adapters.lora import lora_layers
 from fedsb_dp.federated.server import weighted_mean
-from fedsb_dp.methods.base import Aggregate, mean_of_products, normalised_weights
+from fedsb_dp.methods.base import (
+    Aggregate,
+    mean_of_products,
+    normalised_weights,
+    stacked_factors,
+)
 from fedsb_dp.methods.fedit import FedIT
 
 
@@ -46,13 +51,11 @@ class FedExLoRA(FedIT):
             m, n = residual.shape
             stacked_rank = (len(states) + 1) * layer.rank
             if stacked_rank * (m + n) < m * n:
+                B_stack, A_stack = stacked_factors(states, p, name, self.scaling)
                 downlink[f"{name}.residual_B"] = torch.cat(
-                    [w * self.scaling * s[f"{name}.lora_B.weight"] for w, s in zip(p, states,
-                                                                                  strict=True)]
-                    + [-self.scaling * mean[f"{name}.lora_B.weight"]], dim=1).to(dtype)
+                    [B_stack, -self.scaling * mean[f"{name}.lora_B.weight"]], dim=1).to(dtype)
                 downlink[f"{name}.residual_A"] = torch.cat(
-                    [s[f"{name}.lora_A.weight"] for s in states]
-                    + [mean[f"{name}.lora_A.weight"]], dim=0).to(dtype)
+                    [A_stack, mean[f"{name}.lora_A.weight"]], dim=0).to(dtype)
                 encodings[name] = "factored"
             else:
                 downlink[f"{name}.residual"] = residual.to(dtype)

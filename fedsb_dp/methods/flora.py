@@ -16,7 +16,12 @@ from torch import nn
 from fedsb_dp.adapters.lora import lora_init_A, lora_layers
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.server import weighted_mean
-from fedsb_dp.methods.base import Aggregate, mean_of_products, normalised_weights
+from fedsb_dp.methods.base import (
+    Aggregate,
+    mean_of_products,
+    normalised_weights,
+    stacked_factors,
+)
 from fedsb_dp.methods.fedit import FedIT
 
 
@@ -48,12 +53,9 @@ class FLoRA(FedIT):
             # The clients' effective weights are W0 + s·BᵢAᵢ, so their mean is W0 plus this;
             # the restarted adapters then contribute nothing until trained.
             base_updates[name] = mean_of_products(states, p, name, self.scaling).to(dtype)
-            downlink[f"{name}.stack_B"] = torch.cat(
-                [w * self.scaling * s[f"{name}.lora_B.weight"] for w, s in zip(p, states,
-                                                                              strict=True)],
-                dim=1).to(dtype)
-            downlink[f"{name}.stack_A"] = torch.cat([s[f"{name}.lora_A.weight"] for s in states],
-                                                    dim=0).to(dtype)
+            B_stack, A_stack = stacked_factors(states, p, name, self.scaling)
+            downlink[f"{name}.stack_B"] = B_stack.to(dtype)
+            downlink[f"{name}.stack_A"] = A_stack.to(dtype)
             state[f"{name}.lora_A.weight"] = lora_init_A(
                 layer.rank, layer.lora_A.in_features, generator).to(dtype)
             state[f"{name}.lora_B.weight"] = torch.zeros_like(layer.lora_B.weight)
