@@ -25,6 +25,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="benchmarks/privacy_utility.toml")
     parser.add_argument("--out", default="benchmarks/results/privacy_utility")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cells run at once (each gets cpu_count // workers threads)")
     args = parser.parse_args()
     quiet_expected_warnings()
     spec = SweepSpec.from_toml(args.spec)
@@ -35,7 +37,7 @@ def main() -> None:
         print(f"  {status:10s} ε={eps:4s} {cell.method:11s} r={cell.rank:<3d} {cell.partition:14s}"
               f" seed={cell.seed}", flush=True)
 
-    run_sweep(spec, args.out, on_cell=progress)
+    run_sweep(spec, args.out, on_cell=progress, workers=args.workers)
     write_report(args.out)
     print(markdown_table(aggregate(collect_results(args.out, write=False)), COLUMNS))
 

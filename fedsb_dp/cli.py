@@ -48,7 +48,7 @@ _RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--local-steps", "local_steps", int, "DP-SGD steps per client per round"),
     ("--batch-size", "batch_size", int, "expected (Poisson) batch size"),
     ("--max-physical-batch-size", "max_physical_batch_size", int, "memory cap per chunk"),
-    ("--lr", "learning_rate", float, "learning rate"),
+    ("--lr", "learning_rate", float, "AdamW learning rate (default: the method's tuned one)"),
     ("--optimizer", "optimizer", str, "adamw (default) or sgd"),
     ("--participation", "participation", float, "fraction of clients per round"),
     ("--min-clients", "min_clients", int, "fewest clients in a round"),
@@ -222,11 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_expected_warnings()
-    if not args.verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+    quiet_expected_warnings(transformers_reports=not args.verbose)
     try:
         return int(args.func(args) or 0)
     except (FedSBError, ValueError) as exc:

@@ -135,3 +135,20 @@ def test_a_partition_leaving_a_client_short_fails_before_spending(tmp_path):
     with pytest.raises(ConfigError, match="fewer than 70 records"):
         run_federation(config, progress=False)
     assert not (tmp_path / "short").exists()
+
+
+def test_each_method_gets_its_own_tuned_learning_rate_unless_told():
+    from fedsb_dp.methods import METHODS
+
+    for name, (cls, _) in METHODS.items():
+        config = RunConfig(epsilon=3.0, method=name)
+        assert config.learning_rate == cls.default_learning_rate
+        assert config.to_dict()["learning_rate"] == cls.default_learning_rate  # recorded
+        assert RunConfig(epsilon=3.0, method=name, learning_rate=0.5).learning_rate == 0.5
+    # R behind orthonormal B, A needs larger steps than LoRA factors (docs/benchmarks.md)
+    assert RunConfig(epsilon=3.0).learning_rate > RunConfig(epsilon=3.0,
+                                                            method="fedit").learning_rate
+    with pytest.raises(ConfigError, match="learning_rate=0 must be > 0"):
+        RunConfig(epsilon=3.0, learning_rate=0)
+    saved = RunConfig(epsilon=3.0, method="ffa-lora").to_dict()
+    assert RunConfig.from_dict(saved) == RunConfig(epsilon=3.0, method="ffa-lora")

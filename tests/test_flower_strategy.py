@@ -154,3 +154,16 @@ def test_a_node_with_other_factors_is_refused_at_setup(tmp_path, monkeypatch):
         _run(tmp_path, "mismatch", {}, rounds=1)
     assert not (tmp_path / "mismatch" / "ledger.json").exists()  # nothing spent or written
     assert torch.get_num_threads() >= 1
+
+
+def test_the_flower_app_config_is_the_default_run():
+    """`flwr run .` without overrides must run what `fedsb-dp run --epsilon E` runs."""
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        app = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    config, options = from_flower(app)
+    assert config == RunConfig(epsilon=config.epsilon)
+    assert options == FlowerOptions(round_timeout=app["round-timeout"],
+                                    node_wait_timeout=app["node-wait-timeout"])

@@ -29,6 +29,9 @@ class RunConfig:
     MiniLM's pooler was never trained for classification), at the price of r²-scale → n²-scale
     noised parameters (148k for MiniLM), so it is off by default.
 
+    ``learning_rate`` defaults to the method's own (``FederatedMethod.default_learning_rate``,
+    tuned under DP in docs/benchmarks.md); the resolved value is what config.json records.
+
     ``max_grad_norm`` (C) defaults to 3: per-example gradient norms of the default model are
     of that order, and clipping far below them (the paper's C = 0.1) weighs every example
     equally whatever its loss, which on imbalanced labels drives the classifier to the
@@ -82,7 +85,7 @@ class RunConfig:
     local_steps: int = 10
     batch_size: int = 64
     max_physical_batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float | None = None
     optimizer: str = "adamw"
     participation: float = 1.0
     min_clients: int = 1
@@ -95,7 +98,9 @@ class RunConfig:
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.client_ranks is not None:
             object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
-        method_class(self.method)  # names the valid methods
+        method_cls = method_class(self.method)[0]  # names the valid methods
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", method_cls.default_learning_rate)
         PartitionSpec.parse(self.partition)  # names the valid kinds and ranges
         if not (self.lora_scaling > 0 and math.isfinite(self.lora_scaling)):
             raise ConfigError(f"lora_scaling={self.lora_scaling} must be a finite number > 0")

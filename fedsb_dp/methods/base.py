@@ -68,6 +68,10 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, layer in adapted_layers(model).items()}
 
 
+LORA_LEARNING_RATE = 1e-2
+SB_LEARNING_RATE = 3e-2
+
+
 class FederatedMethod(ABC):
     """One federated fine-tuning algorithm.
 
@@ -83,6 +87,9 @@ class FederatedMethod(ABC):
     adapter: ClassVar[str]  # "lora-sb" or "lora"
     exact: ClassVar[bool]
     description: ClassVar[str]
+    # AdamW step size a run uses unless told otherwise; tuned per method under DP (the trained
+    # parameters differ in kind and count), see docs/benchmarks.md.
+    default_learning_rate: ClassVar[float] = LORA_LEARNING_RATE
 
     def __init__(self, *, rank: int, scaling: float = 1.0, dropout: float = 0.0,
                  train_head: bool = True, train_pooler: bool = False) -> None:

@@ -19,7 +19,12 @@ from fedsb_dp.adapters.config import SBConfig
 from fedsb_dp.adapters.inject import inject_adapters, sb_layers
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.server import weighted_mean
-from fedsb_dp.methods.base import Aggregate, FederatedMethod, normalised_weights
+from fedsb_dp.methods.base import (
+    SB_LEARNING_RATE,
+    Aggregate,
+    FederatedMethod,
+    normalised_weights,
+)
 
 
 class FedSB(FederatedMethod):
@@ -29,6 +34,8 @@ class FedSB(FederatedMethod):
     adapter = "lora-sb"
     exact = True
     description = "LoRA-SB: B, A fixed and shared, r×r R trained and averaged (exact)"
+    # B and A are orthonormal, so ‖ΔW‖ = ‖ΔR‖: R needs larger steps than LoRA's A, B.
+    default_learning_rate = SB_LEARNING_RATE
 
     def inject(self, model: nn.Module, targets: Mapping[str, nn.Linear], *,
                generator: torch.Generator, factors: Mapping[str, object] | None = None) -> None:
