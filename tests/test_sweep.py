@@ -116,3 +116,41 @@ def test_cli_report(sweep_dir):
     bad = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "sweep", "--out", "x",
                           "--epsilons", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "must be > 0" in bad.stderr
+
+
+def test_parallel_workers_match_the_serial_sweep(sweep_dir, tmp_path):
+    """Two worker processes give each cell the same run as the serial sweep: same ledger,
+    same ε and, with the seeds and one thread each, the same accuracy."""
+    spec = _spec()
+    out = str(tmp_path / "parallel")
+    seen = []
+    statuses = run_sweep(spec, out, workers=2, on_cell=lambda c, s: seen.append(c.name))
+    assert set(statuses.values()) == {"completed"}
+    assert list(statuses) == [c.name for c in spec.cells()]  # grid order, whatever finished first
+    assert sorted(seen) == sorted(statuses)
+    serial = collect_results(sweep_dir, write=False).set_index("run")
+    parallel = collect_results(out, write=False).set_index("run")
+    assert list(parallel.index) == list(serial.index)
+    for column in ("epsilon", "noise_multiplier", "bytes_total"):
+        assert parallel[column].tolist() == pytest.approx(serial[column].tolist(), rel=1e-9)
+    assert run_sweep(spec, out, workers=2) == {c.name: "skipped" for c in spec.cells()}
+
+
+def test_workers_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="workers=0 must be a positive integer"):
+        run_sweep(_spec(), str(tmp_path / "w"), workers=0)
+    assert not os.path.exists(tmp_path / "w")  # nothing claimed
+
+
+def test_method_settings_override_the_base_for_one_method():
+    spec = _spec(method_settings={"fedsb": {"learning_rate": 0.01}})
+    assert spec.settings_of("fedsb")["learning_rate"] == 0.01
+    assert "learning_rate" not in spec.settings_of("ffa-lora")
+    assert SweepSpec.from_dict(spec.to_dict()).digest() == spec.digest()
+    assert "method_settings" not in _spec().to_dict()  # old sweep digests unchanged
+    with pytest.raises(ConfigError, match=r"method_settings for \['flora'\]"):
+        _spec(method_settings={"flora": {"learning_rate": 0.01}})
+    with pytest.raises(ConfigError, match="set by the grid"):
+        _spec(method_settings={"fedsb": {"rank": 4}})
+    with pytest.raises(ConfigError, match="learning_rate"):
+        _spec(method_settings={"fedsb": {"learning_rate": -1}})

@@ -62,7 +62,8 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"  {status:14s} ε={eps:4s} {cell.method:12s} r={cell.rank:<3d} "
               f"{cell.partition:14s} seed={cell.seed}", flush=True)
 
-    statuses = run_sweep(spec, args.out, progress=not args.no_progress, on_cell=report)
+    statuses = run_sweep(spec, args.out, progress=not args.no_progress, on_cell=report,
+                         workers=args.workers)
     outputs = write_report(args.out)
     print(f"report: {outputs['markdown']} and {outputs['html']}")
     return 1 if any(s == "failed" for s in statuses.values()) else 0
@@ -93,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", help="e.g. 0,1,2")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="a run setting shared by every cell (repeatable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cells run at once in separate processes, sharing the cores "
+                             "(default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_sweep)
     report = subparsers.add_parser(

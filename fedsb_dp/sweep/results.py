@@ -64,6 +64,10 @@ def run_row(path: str) -> dict[str, Any]:
         "bytes_down": summary["bytes_down"],
         "bytes_total": summary["bytes_setup"] + summary["bytes_up"] + summary["bytes_down"],
         "wall_time_s": summary["wall_time_s"],
+        # the training budget, so cells run at different settings are never mistaken for peers
+        "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
+        "local_steps": config.get("local_steps"), "init": config.get("init"),
+        "num_clients": config.get("clients"),
     }
 
 

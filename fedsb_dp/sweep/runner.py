@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
@@ -39,8 +41,48 @@ def _claim_sweep_dir(spec: SweepSpec, out: str) -> None:
     rd.write_json_atomic(path, {"spec": spec.to_dict(), "created": time.time()})
 
 
+def _run_cell(cell: Cell, base: dict, path: str, progress: bool,
+              threads: int | None = None) -> str:
+    """Run (or resume, or skip) one cell; returns its status.
+
+    Module-level so a worker process can import and call it.
+    """
+    from fedsb_dp.federated.engine import run_federation
+
+    if threads is not None:  # inside a worker process
+        import torch
+
+        from fedsb_dp.console import quiet_expected_warnings
+
+        torch.set_num_threads(threads)
+        quiet_expected_warnings()
+    if os.path.exists(os.path.join(path, rd.SUMMARY)):
+        return "skipped"
+    resume = os.path.exists(os.path.join(path, rd.PROGRESS))
+    if os.path.exists(path) and not resume:
+        suffix = 1
+        while os.path.exists(f"{path}.incomplete-{suffix}"):
+            suffix += 1
+        os.replace(path, f"{path}.incomplete-{suffix}")
+    try:
+        result = run_federation(cell.config(base, out=path), resume=resume, progress=progress)
+    except (FedSBError, ValueError) as exc:
+        logger.error("cell %s failed: %s", cell.name, exc)
+        os.makedirs(path, exist_ok=True)
+        rd.write_json_atomic(os.path.join(path, ERROR_FILE),
+                             {"error": f"{type(exc).__name__}: {exc}"})
+        return "failed"
+    return "resumed" if resume and result.status == "completed" else result.status
+
+
+def _worker_threads(workers: int) -> int:
+    """Intra-op threads per worker: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run_sweep(spec: SweepSpec, out: str, *, progress: bool = False,
-              on_cell: Callable[[Cell, str], None] | None = None) -> dict[str, str]:
+              on_cell: Callable[[Cell, str], None] | None = None,
+              workers: int = 1) -> dict[str, str]:
     """Run every cell not finished yet.
 
     A cell with ``summary.json`` is done and skipped; one with ``progress.json`` was
@@ -48,42 +90,47 @@ def run_sweep(spec: SweepSpec, out: str, *, progress: bool = False,
     neither never started training and is set aside (``*.incomplete-N``) and rerun. A cell
     that fails with a configuration error is recorded in ``error.json`` and the sweep goes on.
 
+    With ``workers > 1`` the cells run in that many fresh (spawned) processes, each with
+    ``cpu_count // workers`` intra-op threads: small models on CPU scale better over cells than
+    over threads. Every cell is its own run directory with its own ledger and seed, so the
+    results do not depend on the worker count (a seeded cell is reproducible at a given
+    thread count; a different thread count may change float summation order).
+
     Args:
         spec: The grid.
         out: Sweep directory (created; or an existing sweep of the same spec, resumed).
-        progress: Show per-run progress bars.
-        on_cell: Called with (cell, status) after each cell.
+        progress: Show per-run progress bars (ignored with several workers).
+        on_cell: Called with (cell, status) after each cell, in completion order.
+        workers: Cells run at once (≥ 1).
 
     Returns:
         Cell name → ``"skipped"``, ``"completed"``, ``"resumed"``, ``"failed"`` or the run
-        status (e.g. ``"stopped-budget"``).
+        status (e.g. ``"stopped-budget"``), in grid order.
     """
-    from fedsb_dp.federated.engine import run_federation
-
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers={workers!r} must be a positive integer")
     _claim_sweep_dir(spec, out)
-    statuses = {}
-    for cell in spec.cells():
-        path = cell_dir(out, cell)
-        if os.path.exists(os.path.join(path, rd.SUMMARY)):
-            statuses[cell.name] = "skipped"
-        else:
-            resume = os.path.exists(os.path.join(path, rd.PROGRESS))
-            if os.path.exists(path) and not resume:
-                suffix = 1
-                while os.path.exists(f"{path}.incomplete-{suffix}"):
-                    suffix += 1
-                os.replace(path, f"{path}.incomplete-{suffix}")
+    cells = spec.cells()
+    statuses: dict[str, str] = {}
+    if workers == 1:
+        for cell in cells:
+            settings = spec.settings_of(cell.method)
+            statuses[cell.name] = _run_cell(cell, settings, cell_dir(out, cell), progress)
+            if on_cell is not None:
+                on_cell(cell, statuses[cell.name])
+        return statuses
+    threads = _worker_threads(workers)
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_run_cell, cell, spec.settings_of(cell.method),
+                               cell_dir(out, cell), False, threads): cell for cell in cells}
+        for future in as_completed(futures):
+            cell = futures[future]
             try:
-                result = run_federation(cell.config(spec.base, out=path), resume=resume,
-                                        progress=progress)
-                statuses[cell.name] = "resumed" if resume and result.status == "completed" \
-                    else result.status
-            except (FedSBError, ValueError) as exc:
-                logger.error("cell %s failed: %s", cell.name, exc)
-                os.makedirs(path, exist_ok=True)
-                rd.write_json_atomic(os.path.join(path, ERROR_FILE),
-                                     {"error": f"{type(exc).__name__}: {exc}"})
+                statuses[cell.name] = future.result()
+            except Exception as exc:  # a crashed worker must not stop the other cells
+                logger.error("cell %s crashed: %s", cell.name, exc)
                 statuses[cell.name] = "failed"
-        if on_cell is not None:
-            on_cell(cell, statuses[cell.name])
-    return statuses
+            if on_cell is not None:
+                on_cell(cell, statuses[cell.name])
+    return {cell.name: statuses[cell.name] for cell in cells}

@@ -11,6 +11,8 @@ TOML form (``fedsb-dp sweep --spec sweep.toml``)::
     default = [16, 32]
     [base]                               # any RunConfig setting shared by every cell
     max_train_records = 3000
+    [method_settings.fedsb]              # per-method settings (e.g. its tuned learning rate)
+    learning_rate = 1e-2
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.methods import method_class
 
-SWEEP_FIELDS = ("epsilons", "methods", "partitions", "seeds", "ranks", "base")
+SWEEP_FIELDS = ("epsilons", "methods", "partitions", "seeds", "ranks", "base",
+                "method_settings")
 _GRID_KEYS = ("epsilon", "no_dp", "method", "rank", "partition", "seed", "out")
 
 
@@ -79,6 +82,8 @@ class SweepSpec:
         seeds: Seeds (≥ 3 for error bars).
         ranks: Method → ranks; key ``"default"`` for methods not listed.
         base: RunConfig settings shared by every cell (not the grid keys).
+        method_settings: Method → RunConfig settings overriding ``base`` for that method's
+            cells (each method at its own tuned learning rate, say).
     """
 
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
@@ -87,6 +92,7 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0, 1, 2)
     ranks: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"default": (16,)})
     base: dict[str, Any] = field(default_factory=dict)
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilons", tuple(_epsilon(e) for e in self.epsilons))
@@ -114,8 +120,23 @@ class SweepSpec:
         if clash:
             raise ConfigError(f"base settings {clash} are set by the grid; remove them from "
                               "[base]")
-        for cell in self.cells()[:1]:
-            cell.config(self.base, out="/nonexistent")  # validates every base setting
+        settings = {k: dict(v) for k, v in self.method_settings.items()}
+        strangers = sorted(set(settings) - set(self.methods))
+        if strangers:
+            raise ConfigError(f"method_settings for {strangers}, which the sweep does not run "
+                              f"(methods: {list(self.methods)})")
+        for method, values in settings.items():
+            clash = sorted(set(values) & set(_GRID_KEYS))
+            if clash:
+                raise ConfigError(f"method_settings.{method} {clash} are set by the grid")
+        object.__setattr__(self, "method_settings", settings)
+        for method in self.methods:  # validates every base and per-method setting
+            cell = next(c for c in self.cells() if c.method == method)
+            cell.config(self.settings_of(method), out="/nonexistent")
+
+    def settings_of(self, method: str) -> dict[str, Any]:
+        """The RunConfig settings of ``method``'s cells: ``base`` then its own overrides."""
+        return {**self.base, **self.method_settings.get(method, {})}
 
     def ranks_of(self, method: str) -> tuple[int, ...]:
         """Ranks swept for ``method``."""
@@ -133,7 +154,10 @@ class SweepSpec:
         return {"epsilons": ["inf" if math.isinf(e) else e for e in self.epsilons],
                 "methods": list(self.methods), "partitions": list(self.partitions),
                 "seeds": list(self.seeds), "ranks": {k: list(v) for k, v in self.ranks.items()},
-                "base": dict(self.base)}
+                "base": dict(self.base),
+                # only when used, so the digests of sweeps written before it existed still match
+                **({"method_settings": {k: dict(v) for k, v in self.method_settings.items()}}
+                   if self.method_settings else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepSpec:
