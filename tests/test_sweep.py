@@ -154,3 +154,48 @@ def test_method_settings_override_the_base_for_one_method():
         _spec(method_settings={"fedsb": {"rank": 4}})
     with pytest.raises(ConfigError, match="learning_rate"):
         _spec(method_settings={"fedsb": {"learning_rate": -1}})
+
+
+def _frame(rows):
+    base = dict(partition="iid", rank=16, target_epsilon=3.0, test_macro_f1=0.5, epsilon=3.0,
+                noise_multiplier=1.0, noise_norm_per_step=1.0, trainable_parameters=10,
+                bytes_total=100.0, learning_rate=0.01, batch_size=64, local_steps=10, rounds=3,
+                init="w0-svd", num_clients=3)
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_comparison_names_the_best_of_each_side_and_calls_ties():
+    from fedsb_dp.sweep.report import aggregate, comparison
+
+    rows = [dict(method="fedsb", rank=16, seed=s, test_accuracy=a, bytes_total=100.0)
+            for s, a in enumerate([0.70, 0.72, 0.74])]
+    rows += [dict(method="fedsb", rank=64, seed=s, test_accuracy=a, bytes_total=900.0)
+             for s, a in enumerate([0.60, 0.61, 0.62])]
+    rows += [dict(method="ffa-lora", seed=s, test_accuracy=a, bytes_total=300.0)
+             for s, a in enumerate([0.65, 0.66, 0.67])]
+    rows += [dict(method="fedit", seed=s, test_accuracy=a, bytes_total=500.0)
+             for s, a in enumerate([0.62, 0.63, 0.64])]
+    rows += [dict(method="central-lora", seed=s, test_accuracy=0.99, bytes_total=0.0)
+             for s in range(3)]  # a pooled-data reference is not a federated rival
+    table = comparison(aggregate(_frame(rows)))
+    row = table.iloc[0]
+    assert row["fedsb"].startswith("r=16: 0.7200")
+    assert row["best_baseline"].startswith("ffa-lora r=16: 0.6600")
+    assert row["gap_points"] == pytest.approx(6.0)
+    assert row["verdict"] == "Fed-SB ahead" and row["bytes_ratio"] == 3.0
+    close = [dict(method="fedsb", seed=s, test_accuracy=a) for s, a in enumerate([0.6, 0.7])]
+    close += [dict(method="fedit", seed=s, test_accuracy=a) for s, a in enumerate([0.64, 0.68])]
+    assert comparison(aggregate(_frame(close))).iloc[0]["verdict"] == "tie"
+    behind = [dict(method="fedsb", seed=0, test_accuracy=0.5),
+              dict(method="fedit", seed=0, test_accuracy=0.6)]
+    assert comparison(aggregate(_frame(behind))).iloc[0]["verdict"] == "Fed-SB behind"
+
+
+def test_report_warns_when_a_row_averages_different_budgets():
+    from fedsb_dp.sweep.report import mixed_settings
+
+    same = _frame([dict(method="fedsb", seed=s, test_accuracy=0.7) for s in range(2)])
+    assert mixed_settings(same) == []
+    mixed = _frame([dict(method="fedsb", seed=0, test_accuracy=0.7),
+                    dict(method="fedsb", seed=1, test_accuracy=0.7, learning_rate=0.002)])
+    assert mixed_settings(mixed) and "learning_rate" in mixed_settings(mixed)[0]

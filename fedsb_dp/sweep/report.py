@@ -36,6 +36,63 @@ def aggregate(frame):
     return out
 
 
+#: Settings that must agree among the seeds averaged into one row (else the row mixes runs).
+BUDGET_COLUMNS = ("learning_rate", "batch_size", "local_steps", "rounds", "init", "num_clients")
+
+
+def mixed_settings(frame) -> list[str]:
+    """Rows of :func:`aggregate` whose runs differ in a training setting, described."""
+    found = []
+    keys = ["partition", "method", "rank", "target_epsilon"]
+    present = [c for c in BUDGET_COLUMNS if c in frame.columns]
+    for key, group in frame.groupby(keys, sort=True):
+        differing = [c for c in present if group[c].nunique(dropna=False) > 1]
+        if differing:
+            found.append(f"{dict(zip(keys, key, strict=True))}: {differing} differ")
+    return found
+
+
+def comparison(summary):
+    """Fed-SB (best rank) against the best baseline per partition and ε.
+
+    A difference within the larger of the two seed standard deviations is called a tie: with
+    three seeds nothing finer is supported.
+
+    Returns:
+        A DataFrame with one row per (partition, target ε) that has Fed-SB and a baseline.
+    """
+    import pandas as pd
+
+    rows = []
+    federated = summary[~summary["method"].str.startswith("central")]
+    for (partition, eps), group in federated.groupby(["partition", "target_epsilon"],
+                                                     sort=True):
+        ours = group[group["method"] == "fedsb"]
+        theirs = group[group["method"] != "fedsb"]
+        if ours.empty or theirs.empty:
+            continue
+        best = ours.loc[ours["accuracy_mean"].idxmax()]
+        rival = theirs.loc[theirs["accuracy_mean"].idxmax()]
+        gap = best["accuracy_mean"] - rival["accuracy_mean"]
+        spread = max(best["accuracy_std"], rival["accuracy_std"])
+        verdict = "tie" if abs(gap) <= spread else ("Fed-SB ahead" if gap > 0 else
+                                                    "Fed-SB behind")
+        rows.append({
+            "partition": partition, "target_epsilon": eps,
+            "fedsb": f"r={best['rank']}: {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f}",
+            "best_baseline": f"{rival['method']} r={rival['rank']}: "
+                             f"{rival['accuracy_mean']:.4f} ± {rival['accuracy_std']:.4f}",
+            "gap_points": round(100 * gap, 2), "verdict": verdict,
+            "bytes_ratio": round(rival["bytes_total"] / best["bytes_total"], 2),
+        })
+    return pd.DataFrame(rows, columns=["partition", "target_epsilon", "fedsb", "best_baseline",
+                                       "gap_points", "verdict", "bytes_ratio"])
+
+
+COMPARISON_COLUMNS = ["partition", "target_epsilon", "fedsb", "best_baseline", "gap_points",
+                      "verdict", "bytes_ratio"]
+
+
 def _eps_positions(values):
     finite = sorted(v for v in values if math.isfinite(v))
     top = (max(finite) * 2.0) if finite else 1.0
@@ -136,6 +193,13 @@ def markdown_table(frame, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _html_table(frame, columns: list[str]) -> str:
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in frame[columns].itertuples(index=False))
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+            + rows + "</table>")
+
+
 COLUMNS = ["partition", "method", "rank", "target_epsilon", "epsilon_max", "accuracy_mean",
            "accuracy_std", "macro_f1_mean", "noise_multiplier", "trainable_parameters",
            "noise_norm_per_step", "bytes_total", "seeds"]
@@ -154,13 +218,22 @@ def write_report(path: str) -> dict[str, str]:
     summary = aggregate(frame)
     plots = _plots(summary, path)
     table = markdown_table(summary, COLUMNS)
+    versus = comparison(summary)
+    mixed = mixed_settings(frame)
     over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
     md = [
         "# Privacy-utility report", "",
         f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "
         "PRV upper bound by default); accuracy is mean ± std over seeds.", "",
         f"Runs whose recomputed ε exceeds the target: {len(over)}.", "",
+        *([f"**Warning: rows averaging runs with different training settings:** "
+           f"{'; '.join(mixed)}", ""] if mixed else []),
         table, "",
+        *(["## Fed-SB against the best baseline", "",
+           "Best Fed-SB rank vs the most accurate other federated method at the same "
+           "partition and ε; gap in accuracy points; a gap within the larger seed std is a "
+           "tie; bytes_ratio = the baseline's total traffic / Fed-SB's.", "",
+           markdown_table(versus, COMPARISON_COLUMNS), ""] if not versus.empty else []),
         *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots], "",
     ]
     md_path = os.path.join(path, "report.md")
@@ -172,16 +245,17 @@ def write_report(path: str) -> dict[str, str]:
             encoded = base64.b64encode(fh.read()).decode()
         images.append(f'<img alt="{html.escape(os.path.basename(p))}" '
                       f'src="data:image/png;base64,{encoded}" style="max-width:100%">')
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-                   for row in summary[COLUMNS].itertuples(index=False))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>fedsb-dp report</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head><body>"
             "<h1>Privacy-utility report</h1>"
             f"<p>{len(frame)} runs; ε recomputed from every run's ledger; runs above their "
-            f"target: {len(over)}.</p><table><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>" + rows
-            + "</table>" + "".join(images) + "</body></html>")
+            f"target: {len(over)}.</p>"
+            + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
+            + _html_table(summary, COLUMNS)
+            + ("<h2>Fed-SB against the best baseline</h2>"
+               + _html_table(versus, COMPARISON_COLUMNS) if not versus.empty else "")
+            + "".join(images) + "</body></html>")
     html_path = os.path.join(path, "report.html")
     with open(html_path, "w", encoding="utf-8") as fh:
         fh.write(page)
