@@ -2,7 +2,8 @@
 
 Each variant is a small sweep (``fedsb_dp.sweep``: one run directory per cell, resumable,
 ε recomputed from every ledger) that changes one thing against the default Fed-SB run
-(r = 16, W0-SVD init, 3 IID clients, ε = 3):
+(r = 16, W0-SVD init, 3 IID clients, ε = 3); one or two seeds each, so read them against the
+main grid's seed spread (Fed-SB r = 16 at ε = 3: three seeds in privacy_utility.toml):
 
 - initialisation under DP: W0-SVD (default, reads no record), random orthonormal, DP
   gradient-SVD at two budget shares (σ_init = 8: the default; σ_init = 4: a larger share), and
@@ -64,12 +65,12 @@ class Variant:
 
 DP_INIT = {"init": "gradient-svd", "init_source": "dp"}
 VARIANTS: tuple[Variant, ...] = (
-    Variant("init", "w0svd", "W0-SVD (default)"),
+    Variant("init", "w0svd", "W0-SVD (default)", seeds=(0,)),
     Variant("init", "random", "random orthonormal", {"init": "random-orthonormal"}),
     Variant("init", "dp-grad-s8", "DP gradient-SVD, σ_init=8",
             {**DP_INIT, "init_noise_multiplier": 8.0}),
     Variant("init", "dp-grad-s4", "DP gradient-SVD, σ_init=4",
-            {**DP_INIT, "init_noise_multiplier": 4.0}),
+            {**DP_INIT, "init_noise_multiplier": 4.0}, seeds=(0,)),
     Variant("init", "w0svd-nodp", "W0-SVD, ε=∞", epsilon="inf", seeds=(0,)),
     Variant("init", "grad-nodp", "non-private gradient-SVD, ε=∞",
             {"init": "gradient-svd", "init_source": "nonprivate", "allow_nonprivate_init": True},
