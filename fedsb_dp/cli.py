@@ -25,7 +25,8 @@ _RUN_FLAGS: list[tuple[str, str, Any, str]] = [
      "central-lora or central-sb (pooled-data references)"),
     ("--partition", "partition", str, "iid (default), dirichlet:<alpha> (label skew) or "
      "quantity:<beta> (size skew)"),
-    ("--model", "model", str, "hub id, local directory, or 'minilm' (offline default)"),
+    ("--model", "model", str,
+     "hub id, local directory, 'minilm' (offline default) or 'mpnet' (offline, opt-in install)"),
     ("--rank", "rank", int, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)"),
     ("--lora-scaling", "lora_scaling", float, "s = alpha / r of the LoRA baselines"),
     ("--pooling", "pooling", str, "what the classifier reads: auto (default: mean for "

@@ -63,8 +63,18 @@ def load_config(config_or_id: str) -> Any:
     return AutoConfig.from_pretrained(resolve_model_path(config_or_id))
 
 
+def _declares_mean_pooling(config_or_id: str) -> bool:
+    """Whether training would mean-pool this model (pooling="auto" on a local checkpoint)."""
+    from fedsb_dp.models import checkpoint_pooling, resolve_model_path
+
+    if os.path.isfile(config_or_id):
+        return False
+    path = resolve_model_path(config_or_id)
+    return os.path.isdir(path) and checkpoint_pooling(path) == "mean"
+
+
 def adapted_shapes(config: Any, *, targets: tuple[str, ...] | None = None,
-                   num_labels: int | None = None) -> AdaptedShapes:
+                   num_labels: int | None = None, mean_pooled: bool = False) -> AdaptedShapes:
     """Build the model on the meta device and read the target layers' shapes.
 
     Args:
@@ -72,13 +82,16 @@ def adapted_shapes(config: Any, *, targets: tuple[str, ...] | None = None,
         targets: Target module suffixes (default: the architecture's, as in training).
         num_labels: Build a sequence classifier with this many labels (its head counts);
             ``None`` builds a causal LM (no head is trained or sent).
+        mean_pooled: Count the head a mean-pooled classifier trains
+            (``fedsb_dp.models.use_mean_pooling``: MPNet's dense first-token head becomes one
+            Linear), as training does for sentence-transformers checkpoints.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fedsb_dp.adapters.config import default_targets
     from fedsb_dp.adapters.inject import find_target_modules
-    from fedsb_dp.models import find_head
+    from fedsb_dp.models import find_head, use_mean_pooling
 
     with torch.device("meta"):
         if num_labels is None:
@@ -86,6 +99,9 @@ def adapted_shapes(config: Any, *, targets: tuple[str, ...] | None = None,
         else:
             config.num_labels = num_labels
             model = AutoModelForSequenceClassification.from_config(config)
+    if mean_pooled and num_labels is not None:
+        with torch.device("meta"):
+            use_mean_pooling(model)
     found = find_target_modules(model, targets or default_targets(config.model_type))
     head = find_head(model) if num_labels is not None else None
     head_params = sum(p.numel() for p in head[1].parameters()) if head else 0
@@ -140,7 +156,8 @@ def communication_table(config_or_id: str, *, rank: int, clients: int,
     """
     import pandas as pd
 
-    shapes = adapted_shapes(load_config(config_or_id), targets=targets, num_labels=num_labels)
+    shapes = adapted_shapes(load_config(config_or_id), targets=targets, num_labels=num_labels,
+                            mean_pooled=_declares_mean_pooling(config_or_id))
     rows = [method_traffic(shapes, m, rank=(fedsb_rank or rank) if m == "fedsb" else rank,
                            clients=clients) for m in methods]
     frame = pd.DataFrame(rows)

@@ -62,3 +62,14 @@ def test_cli(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "229.7×" in done.stdout and out.exists()
+
+
+def test_a_mean_pooled_checkpoint_counts_the_head_training_sends():
+    """MPNet's dense first-token head is replaced by one Linear when mean-pooled (as training
+    does for sentence-transformers checkpoints); the calculator must count that head."""
+    from fedsb_dp.offline_models import ALL_MPNET_BASE_V2, any_piece_installed
+
+    if not any_piece_installed(ALL_MPNET_BASE_V2):
+        pytest.skip("all-mpnet-base-v2 parts not installed (FEDSB_DP_MPNET=1 scripts/install.sh)")
+    frame = communication_table("mpnet", rank=4, clients=3, num_labels=2)
+    assert _row(frame, "fedsb")["paper_params"] == 24 * 4 * 4 + 768 * 2 + 2
