@@ -108,8 +108,11 @@ def summarise(out: str) -> list[dict[str, Any]]:
     rows = []
     for variant in VARIANTS:
         path = os.path.join(out, variant.name)
-        if not os.path.isdir(os.path.join(path, "cells")):
-            continue
+        cells_dir = os.path.join(path, "cells")
+        if not os.path.isdir(cells_dir) or not any(
+                os.path.exists(os.path.join(cells_dir, c, "summary.json"))
+                for c in os.listdir(cells_dir)):
+            continue  # not run (yet): left out of the table rather than failing it
         frame = collect_results(path)
         cells = [os.path.join(path, "cells", run) for run in frame["run"]]
         init_eps = init_epsilon(cells[0])
