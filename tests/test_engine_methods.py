@@ -152,3 +152,10 @@ def test_each_method_gets_its_own_tuned_learning_rate_unless_told():
         RunConfig(epsilon=3.0, learning_rate=0)
     saved = RunConfig(epsilon=3.0, method="ffa-lora").to_dict()
     assert RunConfig.from_dict(saved) == RunConfig(epsilon=3.0, method="ffa-lora")
+
+
+def test_rank_one_fedsb_runs(tmp_path):
+    """r = 1 leaves B as an m×1 column whose last stride is not 1; the frozen-tensor digests
+    must still hash it (they once refused it with a dtype-view error)."""
+    result = _run(tmp_path, "fedsb", rank=1, rounds=1)
+    assert result.status == "completed"

@@ -180,7 +180,9 @@ def frozen_fingerprint(model: nn.Module) -> str:
     for name, tensor in tensors:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a size-1 dim can leave a 'contiguous' tensor with stride(-1) ≠ 1
+        # (rank-1 factors), which a dtype-changing view refuses
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -133,7 +133,9 @@ def frozen_digest(model: nn.Module) -> str:
     for name, tensor in tensors:
         data = tensor.detach().contiguous()
         digest.update(name.encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a size-1 dim can leave a 'contiguous' tensor with stride(-1) ≠ 1
+        # (rank-1 factors), which a dtype-changing view refuses
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
