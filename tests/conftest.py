@@ -74,3 +74,29 @@ def toy_collate(examples):
         mask[i, : len(e["input_ids"])] = 1
     return {"input_ids": ids, "attention_mask": mask,
             "labels": torch.stack([e["labels"] for e in examples])}
+
+
+def assert_per_sample_gradients_match_loop(model, tokenizer, texts, labels):
+    """Opacus' per-example gradients of a classifier equal one autograd pass per example.
+
+    Dropout must be off (the loop and the batch then compute the same function).
+    """
+    from opacus import GradSampleModule
+
+    from fedsb_dp.losses import example_losses
+
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    batch["labels"] = torch.tensor(list(labels))
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    example_losses(gsm, batch, task="sequence-classification").sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_sample = [p.grad_sample.clone() for p in params]
+    gsm._close()
+    for p in params:
+        p.grad = None
+    for i in range(len(texts)):
+        single = {k: v[i:i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(
+            example_losses(model, single, task="sequence-classification").sum(), params)
+        for g, ps in zip(grads, per_sample, strict=True):
+            torch.testing.assert_close(ps[i], g, atol=1e-5, rtol=1e-4)

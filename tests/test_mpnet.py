@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 import torch
-from opacus import GradSampleModule
 
+from conftest import assert_per_sample_gradients_match_loop
 from fedsb_dp import models, offline_models
 from fedsb_dp.adapters import (
     SBConfig,
@@ -23,7 +23,6 @@ from fedsb_dp.adapters import (
 from fedsb_dp.adapters.export import export_peft_adapter, save_merged
 from fedsb_dp.adapters.inject import trainable_modules
 from fedsb_dp.errors import ConfigError, ModelStructureError
-from fedsb_dp.losses import example_losses
 from fedsb_dp.models import MeanPooledClassifier, find_head, pooling_of, use_mean_pooling
 from fedsb_dp.offline_models import (
     ALL_MPNET_BASE_V2,
@@ -363,22 +362,8 @@ def test_mpnet_per_sample_gradients_and_refusals(mpnet, tmp_path):
     for module in dropout:  # no dropout: loop and batch compute the same function
         module.p = 0.0
     try:
-        batch = tokenizer(["great", "a dull and overlong film"], padding=True,
-                          return_tensors="pt")
-        batch["labels"] = torch.tensor([1, 0])
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        example_losses(gsm, batch, task="sequence-classification").sum().backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        per_sample = [p.grad_sample.clone() for p in params]
-        gsm._close()
-        for p in params:
-            p.grad = None
-        for i in range(2):
-            single = {k: v[i:i + 1] for k, v in batch.items()}
-            grads = torch.autograd.grad(
-                example_losses(model, single, task="sequence-classification").sum(), params)
-            for g, ps in zip(grads, per_sample, strict=True):
-                torch.testing.assert_close(ps[i], g, atol=1e-5, rtol=1e-4)
+        assert_per_sample_gradients_match_loop(
+            model, tokenizer, ["great", "a dull and overlong film"], [1, 0])
     finally:
         for module, p in dropout.items():
             module.p = p

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus import GradSampleModule
 
+from conftest import assert_per_sample_gradients_match_loop
 from fedsb_dp.adapters import SBConfig, find_target_modules, inject_adapters, w0_svd_init
 from fedsb_dp.adapters.export import export_peft_adapter, save_merged
 from fedsb_dp.errors import ConfigError, ModelStructureError
-from fedsb_dp.losses import example_losses
 from fedsb_dp.models import MaskedMeanPooler, load_model, pooling_of
 
 
@@ -52,22 +51,8 @@ def test_opacus_per_sample_gradients_under_mean_pooling(mean_minilm):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.train()  # Opacus records activations in train mode only
-    batch = tokenizer(["great", "a dull and overlong film", "fine"], padding=True,
-                      return_tensors="pt")
-    batch["labels"] = torch.tensor([1, 0, 1])
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    example_losses(gsm, batch, task="sequence-classification").sum().backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    per_sample = [p.grad_sample.clone() for p in params]
-    gsm._close()
-    for p in params:
-        p.grad = None
-    for i in range(3):
-        single = {k: v[i:i + 1] for k, v in batch.items()}
-        grads = torch.autograd.grad(
-            example_losses(model, single, task="sequence-classification").sum(), params)
-        for g, ps in zip(grads, per_sample, strict=True):
-            torch.testing.assert_close(ps[i], g, atol=1e-5, rtol=1e-4)
+    assert_per_sample_gradients_match_loop(
+        model, tokenizer, ["great", "a dull and overlong film", "fine"], [1, 0, 1])
 
 
 def test_mean_pooled_models_refuse_exports_and_pooler_training(mean_minilm, tmp_path):
