@@ -2,13 +2,14 @@
 
 Each variant is a small sweep (``fedsb_dp.sweep``: one run directory per cell, resumable,
 ε recomputed from every ledger) that changes one thing against the default Fed-SB run
-(r = 16, W0-SVD init, 3 IID clients, ε = 3); one or two seeds each, so read them against the
-main grid's seed spread (Fed-SB r = 16 at ε = 3: three seeds in privacy_utility.toml):
+(r = 16, W0-SVD init, 3 IID clients, ε = 3); two seeds each (a variant's directory grows in
+place when seeds are added), so read them against the main grid's seed spread (Fed-SB r = 16
+at ε = 3: three seeds in privacy_utility.toml):
 
 - initialisation under DP: W0-SVD (default, reads no record), random orthonormal, DP
   gradient-SVD at two budget shares (σ_init = 8: the default; σ_init = 4: a larger share), and
   the non-private gradient-SVD only as an ε = ∞ reference next to W0-SVD at ε = ∞;
-- extreme ranks r = 1 and 4 (16 and 64 are in the main grid);
+- extreme ranks r = 1, 2, 4 and 8 (16, 32 and 64 are in the main grid);
 - 30 clients (same total records, so each holds ~284; batch 16);
 - label skew Dirichlet(α = 1) (α = 0.3 is in the main grid).
 
@@ -65,21 +66,22 @@ class Variant:
 
 DP_INIT = {"init": "gradient-svd", "init_source": "dp"}
 VARIANTS: tuple[Variant, ...] = (
-    Variant("init", "w0svd", "W0-SVD (default)", seeds=(0,)),
+    Variant("init", "w0svd", "W0-SVD (default)"),
     Variant("init", "random", "random orthonormal", {"init": "random-orthonormal"}),
     Variant("init", "dp-grad-s8", "DP gradient-SVD, σ_init=8",
             {**DP_INIT, "init_noise_multiplier": 8.0}),
     Variant("init", "dp-grad-s4", "DP gradient-SVD, σ_init=4",
-            {**DP_INIT, "init_noise_multiplier": 4.0}, seeds=(0,)),
-    Variant("init", "w0svd-nodp", "W0-SVD, ε=∞", epsilon="inf", seeds=(0,)),
+            {**DP_INIT, "init_noise_multiplier": 4.0}),
+    Variant("init", "w0svd-nodp", "W0-SVD, ε=∞", epsilon="inf"),
     Variant("init", "grad-nodp", "non-private gradient-SVD, ε=∞",
             {"init": "gradient-svd", "init_source": "nonprivate", "allow_nonprivate_init": True},
-            epsilon="inf", seeds=(0,)),
-    Variant("rank", "r1", "r=1", rank=1, seeds=(0,)),
-    Variant("rank", "r4", "r=4", rank=4, seeds=(0,)),
-    Variant("clients", "30", "30 clients, batch 16", {"clients": 30, "batch_size": 16},
-            seeds=(0,)),
-    Variant("skew", "dirichlet1", "Dirichlet(1.0)", partition="dirichlet:1.0", seeds=(0,)),
+            epsilon="inf"),
+    Variant("rank", "r1", "r=1", rank=1),
+    Variant("rank", "r2", "r=2", rank=2),
+    Variant("rank", "r4", "r=4", rank=4),
+    Variant("rank", "r8", "r=8", rank=8),
+    Variant("clients", "30", "30 clients, batch 16", {"clients": 30, "batch_size": 16}),
+    Variant("skew", "dirichlet1", "Dirichlet(1.0)", partition="dirichlet:1.0"),
 )
 
 

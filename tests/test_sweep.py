@@ -103,9 +103,23 @@ def test_rerun_skips_finished_cells_and_redoes_unstarted_ones(sweep_dir, tmp_pat
     assert [s for n, s in statuses.items() if n != "eps3_ffa-lora_r2_iid_s0"] == ["skipped"] * 3
 
 
-def test_a_different_grid_cannot_reuse_the_directory(sweep_dir):
-    with pytest.raises(ConfigError, match="different sweep"):
-        run_sweep(_spec(seeds=[0, 1]), sweep_dir)
+def test_a_grown_grid_extends_the_directory_and_other_settings_are_refused(sweep_dir,
+                                                                           tmp_path):
+    copy = str(tmp_path / "grown")
+    shutil.copytree(sweep_dir, copy)
+    before = open(os.path.join(copy, "sweep.json"), encoding="utf-8").read()
+    for changed in ({"base": {**BASE, "max_length": 12}},
+                    {"method_settings": {"ffa-lora": {"learning_rate": 0.5}}}):
+        with pytest.raises(ConfigError, match=r"settings for \['(fedsb|ffa-lora)"):
+            run_sweep(_spec(seeds=[0, 1], **changed), copy)
+        assert open(os.path.join(copy, "sweep.json"), encoding="utf-8").read() == before
+    grown = _spec(epsilons=[3], methods=["fedsb"], seeds=[0, 1])
+    statuses = run_sweep(grown, copy)
+    assert statuses == {"eps3_fedsb_r2_iid_s0": "skipped", "eps3_fedsb_r2_iid_s1": "completed"}
+    record = json.load(open(os.path.join(copy, "sweep.json"), encoding="utf-8"))
+    assert SweepSpec.from_dict(record["spec"]).digest() == grown.digest()
+    assert record["previous_specs"] == [_spec().to_dict()]
+    assert len(collect_results(copy)) == 5  # the cells outside the new grid are kept
 
 
 def test_cli_report(sweep_dir):
@@ -189,6 +203,26 @@ def test_comparison_names_the_best_of_each_side_and_calls_ties():
     behind = [dict(method="fedsb", seed=0, test_accuracy=0.5),
               dict(method="fedit", seed=0, test_accuracy=0.6)]
     assert comparison(aggregate(_frame(behind))).iloc[0]["verdict"] == "Fed-SB behind"
+
+
+def test_paired_gaps_follow_each_seed_split():
+    from fedsb_dp.sweep.report import aggregate, comparison
+
+    # Split difficulty dominates the spread: unpaired it is a tie, seed by seed Fed-SB leads.
+    ours = [0.80, 0.50, 0.65]
+    theirs = [0.78, 0.47, 0.65]
+    rows = [dict(method="fedsb", seed=s, test_accuracy=a) for s, a in enumerate(ours)]
+    rows += [dict(method="ffa-lora", seed=s, test_accuracy=a) for s, a in enumerate(theirs)]
+    rows += [dict(method="ffa-lora", seed=7, test_accuracy=0.99)]  # no Fed-SB run to pair with
+    frame = _frame(rows)
+    row = comparison(aggregate(frame), frame).iloc[0]
+    assert row["verdict"] == "tie"
+    assert row["paired_gaps"] == "3/3 seeds ≥ 0: +2.00, +3.00, +0.00"
+    behind = _frame([dict(method="fedsb", seed=0, test_accuracy=0.5),
+                     dict(method="fedit", seed=0, test_accuracy=0.6)])
+    assert comparison(aggregate(behind), behind).iloc[0]["paired_gaps"] == (
+        "0/1 seeds ≥ 0: -10.00")
+    assert "paired_gaps" not in comparison(aggregate(behind)).columns
 
 
 def test_report_warns_when_a_row_averages_different_budgets():

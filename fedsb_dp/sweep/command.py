@@ -85,7 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a resumable grid of federated runs (one run directory per cell) and "
                     "write results.csv, report.md and report.html.")
     parser.add_argument("--spec", help="TOML sweep specification (flags override it)")
-    parser.add_argument("--out", required=True, help="sweep directory (rerun to resume)")
+    parser.add_argument("--out", required=True,
+                        help="sweep directory (rerun to resume; rerun with more ε, methods, "
+                             "ranks, partitions or seeds and the same settings to extend it)")
     parser.add_argument("--epsilons", help="e.g. 1,3,8,inf")
     parser.add_argument("--methods", help="e.g. fedsb,ffa-lora,fedit,fedex-lora,flora")
     parser.add_argument("--ranks", help="ranks of every method, e.g. 16,32")

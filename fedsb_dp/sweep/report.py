@@ -52,11 +52,37 @@ def mixed_settings(frame) -> list[str]:
     return found
 
 
-def comparison(summary):
+def _paired(frame, partition, eps, ours, theirs) -> str:
+    """Per-seed accuracy gaps (points) of ``ours`` over ``theirs`` on the seeds both ran.
+
+    The seed fixes the client split, so on a skewed partition the unpaired std mostly measures
+    how hard each split is; the paired gaps show whether the ordering holds split by split.
+    """
+    def by_seed(row):
+        cell = frame[(frame["partition"] == partition) & (frame["target_epsilon"] == eps)
+                     & (frame["method"] == row["method"]) & (frame["rank"] == row["rank"])]
+        return cell.groupby("seed")["test_accuracy"].mean()
+
+    mine, rival = by_seed(ours), by_seed(theirs)
+    seeds = sorted(set(mine.index) & set(rival.index))
+    if not seeds:
+        return "no shared seed"
+    gaps = [100 * (mine[s] - rival[s]) for s in seeds]
+    ahead = sum(g >= 0 for g in gaps)
+    return (f"{ahead}/{len(gaps)} seeds ≥ 0: "
+            + ", ".join(f"{g:+.2f}" for g in gaps))
+
+
+def comparison(summary, frame=None):
     """Fed-SB (best rank) against the best baseline per partition and ε.
 
     A difference within the larger of the two seed standard deviations is called a tie: with
-    three seeds nothing finer is supported.
+    three seeds nothing finer is supported. With the per-run ``frame`` a ``paired_gaps``
+    column adds the gap seed by seed (the same seed means the same client split).
+
+    Args:
+        summary: The output of :func:`aggregate`.
+        frame: The per-run results that ``summary`` aggregates, for the paired column.
 
     Returns:
         A DataFrame with one row per (partition, target ε) that has Fed-SB and a baseline.
@@ -84,9 +110,11 @@ def comparison(summary):
                              f"{rival['accuracy_mean']:.4f} ± {rival['accuracy_std']:.4f}",
             "gap_points": round(100 * gap, 2), "verdict": verdict,
             "bytes_ratio": round(rival["bytes_total"] / best["bytes_total"], 2),
+            **({"paired_gaps": _paired(frame, partition, eps, best, rival)}
+               if frame is not None else {}),
         })
-    return pd.DataFrame(rows, columns=["partition", "target_epsilon", "fedsb", "best_baseline",
-                                       "gap_points", "verdict", "bytes_ratio"])
+    columns = COMPARISON_COLUMNS + (["paired_gaps"] if frame is not None else [])
+    return pd.DataFrame(rows, columns=columns)
 
 
 COMPARISON_COLUMNS = ["partition", "target_epsilon", "fedsb", "best_baseline", "gap_points",
@@ -218,7 +246,8 @@ def write_report(path: str) -> dict[str, str]:
     summary = aggregate(frame)
     plots = _plots(summary, path)
     table = markdown_table(summary, COLUMNS)
-    versus = comparison(summary)
+    versus = comparison(summary, frame)
+    versus_columns = list(versus.columns)
     mixed = mixed_settings(frame)
     over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
     md = [
@@ -232,8 +261,9 @@ def write_report(path: str) -> dict[str, str]:
         *(["## Fed-SB against the best baseline", "",
            "Best Fed-SB rank vs the most accurate other federated method at the same "
            "partition and ε; gap in accuracy points; a gap within the larger seed std is a "
-           "tie; bytes_ratio = the baseline's total traffic / Fed-SB's.", "",
-           markdown_table(versus, COMPARISON_COLUMNS), ""] if not versus.empty else []),
+           "tie; bytes_ratio = the baseline's total traffic / Fed-SB's; paired_gaps = the "
+           "gap seed by seed (a seed fixes the client split), on the seeds both ran.", "",
+           markdown_table(versus, versus_columns), ""] if not versus.empty else []),
         *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots], "",
     ]
     md_path = os.path.join(path, "report.md")
@@ -254,7 +284,7 @@ def write_report(path: str) -> dict[str, str]:
             + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
             + _html_table(summary, COLUMNS)
             + ("<h2>Fed-SB against the best baseline</h2>"
-               + _html_table(versus, COMPARISON_COLUMNS) if not versus.empty else "")
+               + _html_table(versus, versus_columns) if not versus.empty else "")
             + "".join(images) + "</body></html>")
     html_path = os.path.join(path, "report.html")
     with open(html_path, "w", encoding="utf-8") as fh:

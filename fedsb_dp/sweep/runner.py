@@ -27,13 +27,32 @@ def cell_dir(out: str, cell: Cell) -> str:
 
 
 def _claim_sweep_dir(spec: SweepSpec, out: str) -> None:
+    """Create the sweep directory, or resume or extend the sweep it holds.
+
+    A grid may grow or change its axes (more seeds, another ε or rank) in place, because a
+    cell's run is fixed by its grid point and its method's settings: every method the two
+    specifications share must have the same settings, else the finished cells would answer a
+    different question and the directory is refused.
+    """
     path = os.path.join(out, SPEC_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
-            saved = SweepSpec.from_dict(json.load(fh)["spec"])
-        if saved.digest() != spec.digest():
-            raise ConfigError(f"{out!r} holds a different sweep; choose another --out or rerun "
-                              "with the same specification to resume it")
+            saved_record = json.load(fh)
+        saved = SweepSpec.from_dict(saved_record["spec"])
+        if saved.digest() == spec.digest():
+            return
+        changed = [m for m in spec.methods
+                   if m in saved.methods and saved.settings_of(m) != spec.settings_of(m)]
+        if changed:
+            raise ConfigError(
+                f"{out!r} holds a sweep whose settings for {changed} differ from this one's "
+                f"(there: {[saved.settings_of(m) for m in changed]}); choose another --out, "
+                "or change only the grid (epsilons, methods, ranks, partitions, seeds) to "
+                "extend it")
+        logger.info("extending the sweep in %s to a new grid", out)
+        rd.write_json_atomic(path, {
+            **saved_record, "spec": spec.to_dict(),
+            "previous_specs": [*saved_record.get("previous_specs", []), saved.to_dict()]})
         return
     if os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"{out!r} exists and is not a sweep directory; choose another --out")
