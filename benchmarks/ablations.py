@@ -11,7 +11,7 @@ at ε = 3: three seeds in privacy_utility.toml):
   the non-private gradient-SVD only as an ε = ∞ reference next to W0-SVD at ε = ∞;
 - extreme ranks r = 1, 2, 4 and 8 (16, 32 and 64 are in the main grid);
 - 30 clients (same total records, so each holds ~284; batch 16);
-- label skew Dirichlet(α = 1) (α = 0.3 is in the main grid).
+- label skew Dirichlet(α = 0.1 and 1) (α = 0.3 is in the main grid).
 
 The table gives test accuracy (mean ± std over the seeds run), the recomputed ε, the training σ
 (a DP init takes its share of ε, so σ rises) and, for a DP init, the ε its release alone costs.
@@ -81,6 +81,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("rank", "r4", "r=4", rank=4),
     Variant("rank", "r8", "r=8", rank=8),
     Variant("clients", "30", "30 clients, batch 16", {"clients": 30, "batch_size": 16}),
+    Variant("skew", "dirichlet01", "Dirichlet(0.1)", partition="dirichlet:0.1"),
     Variant("skew", "dirichlet1", "Dirichlet(1.0)", partition="dirichlet:1.0"),
 )
 

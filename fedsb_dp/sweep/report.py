@@ -134,6 +134,16 @@ def _plots(summary, directory: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
+    # One colour and marker per method, line style and marker size by rank, so that nine
+    # method-rank lines stay readable.
+    palette = plt.get_cmap("tab10").colors
+    markers = "osD^v<>ph*"
+    styles = {m: (palette[i % len(palette)], markers[i % len(markers)])
+              for i, m in enumerate(sorted(summary["method"].unique()))}
+    ranks = sorted(summary["rank"].unique())
+    dashes = ["-", "--", ":", "-."]
+    rank_lines = {r: dashes[i % len(dashes)] for i, r in enumerate(ranks)}
+    rank_sizes = {r: 12 * i for i, r in enumerate(ranks)}
     partitions = sorted(summary["partition"].unique())
     positions, _ = _eps_positions(summary["target_epsilon"].unique())
     fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2),
@@ -143,7 +153,8 @@ def _plots(summary, directory: str) -> list[str]:
         for (method, rank), group in part.groupby(["method", "rank"]):
             group = group.sort_values("target_epsilon")
             ax.errorbar([positions[e] for e in group["target_epsilon"]], group["accuracy_mean"],
-                        yerr=group["accuracy_std"], marker="o", capsize=3,
+                        yerr=group["accuracy_std"], marker=styles[method][1], capsize=3,
+                        color=styles[method][0], linestyle=rank_lines[rank],
                         label=f"{method} r={rank}")
         ax.set_xscale("log")
         ticks = sorted(positions.items(), key=lambda item: item[1])
@@ -154,38 +165,55 @@ def _plots(summary, directory: str) -> list[str]:
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"partition: {partition}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)  # each panel lists its own lines (partitions may differ)
     fig.tight_layout()
     paths.append(os.path.join(directory, PLOTS[0]))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (method, rank), group in summary.groupby(["method", "rank"]):
-        ax.scatter(group["bytes_total"], group["accuracy_mean"], label=f"{method} r={rank}")
-    front = summary.sort_values("bytes_total")
-    best, xs, ys = -1.0, [], []
-    for row in front.itertuples():
-        if row.accuracy_mean > best:
-            best = row.accuracy_mean
-            xs.append(row.bytes_total)
-            ys.append(row.accuracy_mean)
-    ax.step(xs, ys, where="post", color="black", alpha=0.5, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes communicated per run (setup + uplink + downlink, all clients)")
-    ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # A Pareto front only compares like with like: one panel per partition and target ε.
+    panels = sorted(summary[["partition", "target_epsilon"]].drop_duplicates()
+                    .itertuples(index=False, name=None))
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (partition, eps) in zip(axes.flat, panels, strict=False):
+        panel = summary[(summary["partition"] == partition)
+                        & (summary["target_epsilon"] == eps)]
+        for (method, rank), group in panel.groupby(["method", "rank"]):
+            ax.scatter(group["bytes_total"], group["accuracy_mean"], color=styles[method][0],
+                       marker=styles[method][1], s=20 + rank_sizes[rank],
+                       label=f"{method} r={rank}")
+        best, xs, ys = -1.0, [], []
+        for row in panel.sort_values("bytes_total").itertuples():
+            if row.accuracy_mean > best:
+                best = row.accuracy_mean
+                xs.append(row.bytes_total)
+                ys.append(row.accuracy_mean)
+        ax.step(xs, ys, where="post", color="black", alpha=0.4)
+        ax.set_xscale("log")
+        ax.set_title(f"{partition}, ε = {_fmt(float(eps))}", fontsize=9)
+        ax.set_xlabel("bytes per run (setup + up + down)", fontsize=8)
+        ax.set_ylabel("test accuracy (mean)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     paths.append(os.path.join(directory, PLOTS[1]))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     private = summary[summary["target_epsilon"].apply(math.isfinite)]
+    # σ depends on each client's sampling rate, so skewed splits change it: show one partition
+    # (IID when swept) rather than mixing them.
+    shown = "iid" if (private["partition"] == "iid").any() else (
+        private["partition"].min() if len(private) else None)
+    private = private[private["partition"] == shown]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(private):
         labels = [f"{m} r={r}" for m, r in private[["method", "rank"]].drop_duplicates()
-                  .itertuples(index=False)]
+                  .sort_values(["method", "rank"]).itertuples(index=False)]
         epsilons = sorted(private["target_epsilon"].unique())
         width = 0.8 / max(len(epsilons), 1)
         for i, eps in enumerate(epsilons):
@@ -197,6 +225,7 @@ def _plots(summary, directory: str) -> list[str]:
                       ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
+        ax.set_title(f"partition: {shown}", fontsize=9)
     ax.set_ylabel("expected noise norm per step σ·C·√d")
     fig.tight_layout()
     paths.append(os.path.join(directory, PLOTS[2]))
