@@ -67,6 +67,7 @@ def test_results_recompute_epsilon_from_ledgers(sweep_dir):
     # The same σ for both methods at the same ε (σ depends on ε, δ, q, steps only).
     assert private["noise_multiplier"].nunique() == 1
     assert os.path.exists(os.path.join(sweep_dir, "results.csv"))
+    assert set(frame["max_length"]) == {16} and frame["model"].nunique() == 1
 
 
 def test_report_does_not_trust_the_summary(sweep_dir, tmp_path):
@@ -233,3 +234,9 @@ def test_report_warns_when_a_row_averages_different_budgets():
     mixed = _frame([dict(method="fedsb", seed=0, test_accuracy=0.7),
                     dict(method="fedsb", seed=1, test_accuracy=0.7, learning_rate=0.002)])
     assert mixed_settings(mixed) and "learning_rate" in mixed_settings(mixed)[0]
+    models = _frame([dict(method="fedsb", seed=0, test_accuracy=0.7, model="minilm"),
+                     dict(method="fedsb", seed=1, test_accuracy=0.8, model="mpnet")])
+    assert "['model'] differ" in mixed_settings(models)[0]
+    unset = _frame([dict(method="fedsb", seed=s, test_accuracy=0.7, max_train_records=None)
+                    for s in range(2)])
+    assert mixed_settings(unset) == []  # an unset cap is the same setting in both runs

@@ -67,7 +67,9 @@ def run_row(path: str) -> dict[str, Any]:
         # the training budget, so cells run at different settings are never mistaken for peers
         "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
         "local_steps": config.get("local_steps"), "init": config.get("init"),
-        "num_clients": config.get("clients"),
+        "num_clients": config.get("clients"), "model": config.get("model"),
+        "dataset": config.get("dataset"), "max_length": config.get("max_length"),
+        "max_train_records": config.get("max_train_records"),
     }
 
 
