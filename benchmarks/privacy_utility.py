@@ -5,8 +5,15 @@ A thin driver over ``fedsb-dp sweep`` (the same code users run) with a checked-i
 ε recomputed from every cell's ledger) and leaves results.csv, report.md, report.html and
 the plots in the output directory. Rerunning resumes: finished cells are skipped.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/privacy_utility.py \\
-        --spec benchmarks/privacy_utility.toml --out benchmarks/results/privacy_utility
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/privacy_utility.py --workers 2 \\
+        --spec benchmarks/privacy_utility_r32.toml --out sweeps/r32 \\
+        --archive benchmarks/results/privacy_utility \\
+        --merge benchmarks/results/privacy_utility/earlier_results.csv
+
+``--archive`` copies each cell's audit files (config, ledger, metrics, provenance, summary; no
+weights) into a directory that can be committed, and writes the report there over every cell
+archived so far, so ``fedsb-dp report`` can recompute each ε from the repository alone.
+``--merge`` adds rows of an earlier results.csv whose cells were not archived.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from __future__ import annotations
 import argparse
 import math
 
+import pandas as pd
+
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.sweep import SweepSpec, run_sweep, write_report
+from fedsb_dp.sweep.archive import archive_runs
 from fedsb_dp.sweep.report import COLUMNS, aggregate, markdown_table
-from fedsb_dp.sweep.results import collect_results
 
 
 def main() -> None:
@@ -27,6 +36,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/privacy_utility")
     parser.add_argument("--workers", type=int, default=1,
                         help="cells run at once (each gets cpu_count // workers threads)")
+    parser.add_argument("--archive", metavar="DIR",
+                        help="also copy the cells' audit files to DIR/cells and report there")
+    parser.add_argument("--merge", action="append", default=[], metavar="RESULTS_CSV",
+                        help="earlier results.csv rows to report with (repeatable)")
     args = parser.parse_args()
     quiet_expected_warnings()
     spec = SweepSpec.from_toml(args.spec)
@@ -39,7 +52,13 @@ def main() -> None:
 
     run_sweep(spec, args.out, on_cell=progress, workers=args.workers)
     write_report(args.out)
-    print(markdown_table(aggregate(collect_results(args.out, write=False)), COLUMNS))
+    target = args.out
+    if args.archive:
+        archive_runs(args.out, args.archive)
+        target = args.archive
+    outputs = write_report(target, merge=args.merge)
+    print(markdown_table(aggregate(pd.read_csv(outputs["results"])), COLUMNS))
+    print(f"report: {outputs['markdown']}")
 
 
 if __name__ == "__main__":

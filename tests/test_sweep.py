@@ -12,6 +12,7 @@ import sys
 import pandas as pd
 import pytest
 
+from accounting.errors import LedgerIntegrityError
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.sweep import SweepSpec, collect_results, run_sweep, write_report
 
@@ -240,3 +241,58 @@ def test_report_warns_when_a_row_averages_different_budgets():
     unset = _frame([dict(method="fedsb", seed=s, test_accuracy=0.7, max_train_records=None)
                     for s in range(2)])
     assert mixed_settings(unset) == []  # an unset cap is the same setting in both runs
+
+
+def test_an_archive_keeps_no_weights_and_reports_from_its_own_ledgers(sweep_dir, tmp_path):
+    from fedsb_dp.sweep.archive import AUDIT_FILES, archive_runs
+
+    dest = str(tmp_path / "archive")
+    cells = archive_runs(sweep_dir, dest)
+    assert [os.path.basename(c) for c in cells] == sorted(os.listdir(os.path.join(sweep_dir,
+                                                                                  "cells")))
+    for cell in cells:
+        assert sorted(os.listdir(cell)) == sorted(AUDIT_FILES)  # no adapters, no label counts
+    original = collect_results(sweep_dir, write=False)
+    pd.testing.assert_frame_equal(collect_results(dest, write=False), original)
+    assert archive_runs(sweep_dir, dest) == cells  # archiving again changes nothing
+    # The archived ledger is what the report reads, and an edited one is refused, not used.
+    ledger = os.path.join(dest, "cells", "eps3_fedsb_r2_iid_s0", "ledger.json")
+    text = open(ledger, encoding="utf-8").read()
+    assert text.count('"count": 2') >= 2
+    with open(ledger, "w", encoding="utf-8") as fh:
+        fh.write(text.replace('"count": 2', '"count": 1'))
+    with pytest.raises(LedgerIntegrityError, match="does not match its sha256"):
+        collect_results(dest, write=False)
+    with pytest.raises(ConfigError, match="already archives a different run named "
+                                          "'eps3_fedsb_r2_iid_s0'"):
+        archive_runs(sweep_dir, dest)
+
+
+def test_merged_results_join_the_report_counted_apart(sweep_dir, tmp_path):
+    copy = str(tmp_path / "merged")
+    shutil.copytree(sweep_dir, copy)
+    earlier = collect_results(sweep_dir, write=False)
+    earlier["run"] = "old_" + earlier["run"]
+    earlier["seed"] = 7
+    old = str(tmp_path / "earlier.csv")
+    earlier.to_csv(old, index=False)
+    outputs = write_report(copy, merge=[old])
+    frame = pd.read_csv(outputs["results"])
+    assert len(frame) == 8
+    assert frame["source"].value_counts().to_dict() == {"ledger": 4, "earlier.csv": 4}
+    assert frame[frame["run"] == "old_eps3_fedsb_r2_iid_s0"]["epsilon"].iloc[0] <= 3.0
+    text = open(outputs["markdown"], encoding="utf-8").read()
+    assert "4 runs' ε recomputed from their ledgers" in text
+    assert "4 rows from earlier.csv" in text
+    assert "| 2 |" in text  # each row now averages two seeds
+    same_runs = str(tmp_path / "same.csv")
+    collect_results(sweep_dir, write=False).to_csv(same_runs, index=False)
+    with pytest.raises(ConfigError, match="appear in more than one source"):
+        write_report(copy, merge=[same_runs])
+    earlier.drop(columns=["epsilon"]).to_csv(old, index=False)
+    with pytest.raises(ConfigError, match=r"lacks the column\(s\) \['epsilon'\]"):
+        write_report(copy, merge=[old])
+    done = subprocess.run([sys.executable, "-m", "fedsb_dp.cli", "archive", copy,
+                           str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "archived 4 run(s)" in done.stdout

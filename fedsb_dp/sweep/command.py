@@ -1,4 +1,4 @@
-"""``fedsb-dp sweep`` and ``fedsb-dp report``."""
+"""``fedsb-dp sweep``, ``fedsb-dp report`` and ``fedsb-dp archive``."""
 
 from __future__ import annotations
 
@@ -72,14 +72,23 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fedsb_dp.sweep.report import write_report
 
-    outputs = write_report(args.path)
+    outputs = write_report(args.path, merge=args.merge or ())
     for name, path in outputs.items():
         print(f"{name:24s} {path}")
     return 0
 
 
+def _archive(args: argparse.Namespace) -> int:
+    from fedsb_dp.sweep.archive import archive_runs
+
+    cells = archive_runs(args.source, args.dest)
+    print(f"archived {len(cells)} run(s) → {args.dest}/cells (config, ledger, metrics, "
+          "provenance, summary; no weights, no partition counts)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``sweep`` and ``report`` to a CLI."""
+    """Add ``sweep``, ``report`` and ``archive`` to a CLI."""
     parser = subparsers.add_parser(
         "sweep", help="privacy-utility grid: ε × method × rank × partition × seed",
         description="Run a resumable grid of federated runs (one run directory per cell) and "
@@ -105,5 +114,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report", help="regenerate a report from run or sweep directories",
         description="Recompute ε from every ledger and write results.csv, plots, report.md "
                     "and report.html.")
-    report.add_argument("path", help="a sweep directory, a directory of runs, or one run")
+    report.add_argument("path", help="a sweep directory, a directory of runs, one run, or an "
+                                     "archive (fedsb-dp archive)")
+    report.add_argument("--merge", action="append", metavar="RESULTS_CSV",
+                        help="an earlier results.csv whose rows join the report as written, "
+                             "counted apart (repeatable)")
     report.set_defaults(func=_report)
+    archive = subparsers.add_parser(
+        "archive", help="copy the audit files of finished runs, without weights",
+        description="Copy config, ledger, metrics, provenance and summary of every finished "
+                    "run under SOURCE to DEST/cells/<run>/, enough for fedsb-dp report to "
+                    "recompute every ε; weights and per-client label counts stay behind.")
+    archive.add_argument("source", help="a sweep directory, a directory of runs, or one run")
+    archive.add_argument("dest", help="the archive directory")
+    archive.set_defaults(func=_archive)

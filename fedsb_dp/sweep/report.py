@@ -10,9 +10,11 @@ import base64
 import html
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from fedsb_dp.sweep.results import collect_results
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.sweep.results import RESULTS_FILE, collect_results
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
 
@@ -263,16 +265,49 @@ COLUMNS = ["partition", "method", "rank", "target_epsilon", "epsilon_max", "accu
            "noise_norm_per_step", "bytes_total", "seeds"]
 
 
-def write_report(path: str) -> dict[str, str]:
+def _gather(path: str, merge: Sequence[str]):
+    """The rows of ``path`` (ε recomputed now) and of the merged results files."""
+    import pandas as pd
+
+    from fedsb_dp.sweep.archive import read_merged_results
+
+    frame = collect_results(path, write=False)
+    frame["source"] = "ledger"
+    if not merge:
+        return frame
+    frames = [frame, *(read_merged_results(m) for m in merge)]
+    combined = pd.concat(frames, ignore_index=True)
+    twice = combined["run"][combined["run"].duplicated()]
+    if len(twice):
+        raise ConfigError(f"run(s) {sorted(set(twice))} appear in more than one source; "
+                          "a report counts each run once")
+    return combined.sort_values(["partition", "method", "rank", "target_epsilon", "seed"],
+                                kind="stable").reset_index(drop=True)
+
+
+def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     """Regenerate results.csv, the plots, report.md and report.html for ``path``.
 
     Args:
-        path: A sweep directory or a directory of run directories (or one run).
+        path: A sweep directory or a directory of run directories (or one run, or an archive
+            from :func:`fedsb_dp.sweep.archive.archive_runs`).
+        merge: Earlier results.csv files whose rows join the report as written (their runs'
+            directories are gone); the report counts them apart from the rows it recomputed.
 
     Returns:
         Output name → file path.
+
+    Raises:
+        ConfigError: If a run appears twice among ``path`` and ``merge``.
     """
-    frame = collect_results(path)
+    frame = _gather(path, merge)
+    frame.to_csv(os.path.join(path, RESULTS_FILE), index=False)
+    recomputed = int((frame["source"] == "ledger").sum())
+    provenance = (f"{recomputed} runs' ε recomputed from their ledgers for this report"
+                  + "".join(f"; {n} rows from {name}, whose ε was recomputed when that file "
+                            f"was written" for name, n in
+                            frame[frame["source"] != "ledger"]["source"].value_counts(
+                                sort=False).items()))
     summary = aggregate(frame)
     plots = _plots(summary, path)
     table = markdown_table(summary, COLUMNS)
@@ -284,6 +319,7 @@ def write_report(path: str) -> dict[str, str]:
         "# Privacy-utility report", "",
         f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "
         "PRV upper bound by default); accuracy is mean ± std over seeds.", "",
+        f"Sources: {provenance}.", "",
         f"Runs whose recomputed ε exceeds the target: {len(over)}.", "",
         *([f"**Warning: rows averaging runs with different training settings:** "
            f"{'; '.join(mixed)}", ""] if mixed else []),
@@ -310,7 +346,7 @@ def write_report(path: str) -> dict[str, str]:
             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head><body>"
             "<h1>Privacy-utility report</h1>"
             f"<p>{len(frame)} runs; ε recomputed from every run's ledger; runs above their "
-            f"target: {len(over)}.</p>"
+            f"target: {len(over)}.</p><p>Sources: {html.escape(provenance)}.</p>"
             + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
             + _html_table(summary, COLUMNS)
             + ("<h2>Fed-SB against the best baseline</h2>"

@@ -1,0 +1,97 @@
+"""Keep a sweep's audit trail without its weights, and fold earlier results into a report.
+
+A finished cell holds adapters and checkpoints (megabytes) next to the few JSON files that an
+audit needs: its config, ledger, per-round metrics, provenance and summary. Archiving copies
+only those, so a published benchmark stays small and ``fedsb-dp report`` can still recompute
+every ε from the archived ledgers. ``partition.json`` stays behind: its exact per-client label
+counts are not a DP release.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import tempfile
+
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated import run_dir as rd
+from fedsb_dp.sweep.results import run_dirs
+
+#: Files a report and an ε audit read; everything else in a run directory stays behind.
+AUDIT_FILES = (rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROVENANCE, rd.SUMMARY)
+
+#: Columns a results.csv must have to be merged into a report.
+MERGE_COLUMNS = ("run", "method", "rank", "partition", "seed", "target_epsilon", "epsilon",
+                 "test_accuracy", "test_macro_f1", "noise_multiplier", "trainable_parameters",
+                 "noise_norm_per_step", "bytes_total")
+
+
+def archive_runs(source: str, dest: str) -> list[str]:
+    """Copy the audit files of every finished run under ``source`` to ``dest/cells/<run>/``.
+
+    Each cell is written to a temporary directory and renamed into place, so an interrupted
+    archive never leaves a half-copied cell. A cell already in ``dest`` is left alone when its
+    files are identical and refused otherwise: an archive is never silently rewritten.
+
+    Args:
+        source: A sweep directory, a directory of runs, or one run.
+        dest: The archive directory (created if missing).
+
+    Returns:
+        The archived cell directories, in ``source`` order.
+
+    Raises:
+        ConfigError: If ``source`` holds no finished run or ``dest`` holds a different run of
+            the same name.
+    """
+    cells = os.path.join(dest, "cells")
+    os.makedirs(cells, exist_ok=True)
+    done = []
+    for run in run_dirs(source):
+        name = os.path.basename(os.path.normpath(run))
+        target = os.path.join(cells, name)
+        present = [f for f in AUDIT_FILES if os.path.exists(os.path.join(run, f))]
+        if os.path.exists(target):
+            same = all(os.path.exists(os.path.join(target, f))
+                       and filecmp.cmp(os.path.join(run, f), os.path.join(target, f),
+                                       shallow=False) for f in present)
+            if not same:
+                raise ConfigError(f"{target!r} already archives a different run named "
+                                  f"{name!r}; archive to another directory")
+            done.append(target)
+            continue
+        staging = tempfile.mkdtemp(prefix=f".{name}.", dir=cells)
+        for f in present:
+            shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
+        os.replace(staging, target)
+        done.append(target)
+    return done
+
+
+def read_merged_results(path: str):
+    """Rows of an earlier ``results.csv`` to report next to recomputed ones.
+
+    Their ε was recomputed from the ledgers when that file was written; the rows keep the
+    file's name in a ``source`` column so a report can say which rows it did not recompute.
+
+    Args:
+        path: A results.csv written by :func:`fedsb_dp.sweep.results.collect_results`.
+
+    Returns:
+        A DataFrame of the file's rows.
+
+    Raises:
+        ConfigError: If the file is missing or lacks a needed column.
+    """
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"results file {path!r} does not exist")
+    frame = pd.read_csv(path)
+    missing = [c for c in MERGE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{path!r} lacks the column(s) {missing}; merge a results.csv "
+                          "written by fedsb-dp sweep or fedsb-dp report")
+    frame["source"] = os.path.basename(path)
+    return frame
