@@ -10,7 +10,7 @@ at ε = 3: three seeds in privacy_utility.toml):
   gradient-SVD at two budget shares (σ_init = 8: the default; σ_init = 4: a larger share), and
   the non-private gradient-SVD only as an ε = ∞ reference next to W0-SVD at ε = ∞;
 - extreme ranks r = 1, 2, 4 and 8 (16, 32 and 64 are in the main grid);
-- 30 clients (same total records, so each holds ~284; batch 16);
+- 30 clients (same total records, so each holds 340–341; batch 16);
 - label skew Dirichlet(α = 0.1 and 1) (α = 0.3 is in the main grid).
 
 The table gives test accuracy (mean ± std over the seeds run), the recomputed ε, the training σ

@@ -1,6 +1,6 @@
 """Learning-rate selection under DP: how ``FederatedMethod.default_learning_rate`` was chosen.
 
-Each method runs the privacy-utility benchmark's cell (all 8,530 Rotten Tomatoes training
+Each method runs the privacy-utility benchmark's cell (all 10,225 Rotten Tomatoes training
 records over 3 IID clients, sequences of 32 tokens, 3 rounds × 10 DP steps of expected batch
 64, r = 16, C = 3, ε = 3, seed 0) at a few AdamW step sizes. The choice is made on the last
 round's **validation loss** (400 records); validation accuracy on 400 records moves in steps of

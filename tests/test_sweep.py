@@ -296,3 +296,22 @@ def test_merged_results_join_the_report_counted_apart(sweep_dir, tmp_path):
                            str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "archived 4 run(s)" in done.stdout
+
+
+def test_accuracy_grid_puts_fedsb_first_and_leaves_unrun_cells_empty():
+    from fedsb_dp.sweep.report import accuracy_grid, aggregate
+
+    rows = [dict(method="fedit", seed=s, test_accuracy=0.6) for s in range(2)]
+    rows += [dict(method="fedsb", rank=64, seed=s, test_accuracy=a)
+             for s, a in enumerate([0.7, 0.8])]
+    rows += [dict(method="fedsb", seed=0, test_accuracy=0.75)]
+    rows += [dict(method="fedsb", seed=0, test_accuracy=0.5, target_epsilon=1.0,
+                  noise_multiplier=2.5)]
+    grid = accuracy_grid(aggregate(_frame(rows)))
+    assert list(grid.columns) == ["partition", "ε", "fedsb r=16", "fedsb r=64", "fedit r=16",
+                                  "σ"]
+    assert grid["ε"].tolist() == ["1", "3"]
+    low, high = grid.iloc[0], grid.iloc[1]
+    assert low["fedsb r=16"] == "0.500 ± 0.000 (1)" and low["fedit r=16"] == ""
+    assert low["σ"] == "2.500"
+    assert high["fedsb r=64"] == "0.750 ± 0.071 (2)"

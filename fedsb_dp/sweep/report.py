@@ -260,6 +260,45 @@ def _html_table(frame, columns: list[str]) -> str:
             + rows + "</table>")
 
 
+#: Column order of the accuracy grid: Fed-SB first, then the baselines, as in the paper.
+METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
+
+
+def accuracy_grid(summary):
+    """Test accuracy as a grid: one row per (partition, ε), one column per method and rank.
+
+    Cells read ``mean ± std (seeds)``; an empty cell was not run. ``σ`` is the row's largest
+    noise multiplier (a mean over seeds): it depends on ε, δ, q and the step count, not on the
+    method, but on a skewed partition each seed's split gives its smallest client its own q.
+
+    Args:
+        summary: The output of :func:`aggregate`.
+
+    Returns:
+        A DataFrame of strings, ready for :func:`markdown_table`.
+    """
+    import pandas as pd
+
+    def order(method):
+        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER),
+                method)
+
+    keys = sorted({(m, int(r)) for m, r in zip(summary["method"], summary["rank"],
+                                                strict=True)},
+                  key=lambda k: (order(k[0]), k[1]))
+    rows = []
+    for (partition, eps), group in summary.groupby(["partition", "target_epsilon"], sort=True):
+        row = {"partition": partition, "ε": _fmt(float(eps))}
+        for method, rank in keys:
+            hit = group[(group["method"] == method) & (group["rank"] == rank)]
+            row[f"{method} r={rank}"] = "" if hit.empty else (
+                f"{hit['accuracy_mean'].iloc[0]:.3f} ± {hit['accuracy_std'].iloc[0]:.3f} "
+                f"({int(hit['seeds'].iloc[0])})")
+        row["σ"] = f"{group['noise_multiplier'].max():.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 COLUMNS = ["partition", "method", "rank", "target_epsilon", "epsilon_max", "accuracy_mean",
            "accuracy_std", "macro_f1_mean", "noise_multiplier", "trainable_parameters",
            "noise_norm_per_step", "bytes_total", "seeds"]
@@ -311,6 +350,7 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     summary = aggregate(frame)
     plots = _plots(summary, path)
     table = markdown_table(summary, COLUMNS)
+    grid = accuracy_grid(summary)
     versus = comparison(summary, frame)
     versus_columns = list(versus.columns)
     mixed = mixed_settings(frame)
@@ -323,7 +363,11 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
         f"Runs whose recomputed ε exceeds the target: {len(over)}.", "",
         *([f"**Warning: rows averaging runs with different training settings:** "
            f"{'; '.join(mixed)}", ""] if mixed else []),
-        table, "",
+        "## Test accuracy", "",
+        "Mean ± std over seeds (number of seeds); σ: the row's largest noise multiplier, a mean "
+        "over seeds (each seed's skewed split sets its own q).",
+        "", markdown_table(grid, list(grid.columns)), "",
+        "## Every grid point", "", table, "",
         *(["## Fed-SB against the best baseline", "",
            "Best Fed-SB rank vs the most accurate other federated method at the same "
            "partition and ε; gap in accuracy points; a gap within the larger seed std is a "
@@ -348,7 +392,8 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
             f"<p>{len(frame)} runs; ε recomputed from every run's ledger; runs above their "
             f"target: {len(over)}.</p><p>Sources: {html.escape(provenance)}.</p>"
             + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
-            + _html_table(summary, COLUMNS)
+            + "<h2>Test accuracy</h2>" + _html_table(grid, list(grid.columns))
+            + "<h2>Every grid point</h2>" + _html_table(summary, COLUMNS)
             + ("<h2>Fed-SB against the best baseline</h2>"
                + _html_table(versus, versus_columns) if not versus.empty else "")
             + "".join(images) + "</body></html>")
