@@ -142,7 +142,7 @@ def _plots(summary, directory: str) -> list[str]:
     palette = plt.get_cmap("tab10").colors
     markers = "osD^v<>ph*"
     styles = {m: (palette[i % len(palette)], markers[i % len(markers)])
-              for i, m in enumerate(sorted(summary["method"].unique()))}
+              for i, m in enumerate(sorted(summary["method"].unique(), key=_method_key))}
     ranks = sorted(summary["rank"].unique())
     dashes = ["-", "--", ":", "-."]
     rank_lines = {r: dashes[i % len(dashes)] for i, r in enumerate(ranks)}
@@ -153,7 +153,9 @@ def _plots(summary, directory: str) -> list[str]:
                              squeeze=False)
     for ax, partition in zip(axes[0], partitions, strict=True):
         part = summary[summary["partition"] == partition]
-        for (method, rank), group in part.groupby(["method", "rank"]):
+        for (method, rank), group in sorted(part.groupby(["method", "rank"]),
+                                            key=lambda item: (_method_key(item[0][0]),
+                                                              item[0][1])):
             group = group.sort_values("target_epsilon")
             ax.errorbar([positions[e] for e in group["target_epsilon"]], group["accuracy_mean"],
                         yerr=group["accuracy_std"], marker=styles[method][1], capsize=3,
@@ -185,7 +187,9 @@ def _plots(summary, directory: str) -> list[str]:
     for ax, (partition, eps) in zip(axes.flat, panels, strict=False):
         panel = summary[(summary["partition"] == partition)
                         & (summary["target_epsilon"] == eps)]
-        for (method, rank), group in panel.groupby(["method", "rank"]):
+        for (method, rank), group in sorted(panel.groupby(["method", "rank"]),
+                                            key=lambda item: (_method_key(item[0][0]),
+                                                              item[0][1])):
             ax.scatter(group["bytes_total"], group["accuracy_mean"], color=styles[method][0],
                        marker=styles[method][1], s=20 + rank_sizes[rank],
                        label=f"{method} r={rank}")
@@ -215,8 +219,9 @@ def _plots(summary, directory: str) -> list[str]:
     private = private[private["partition"] == shown]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(private):
-        labels = [f"{m} r={r}" for m, r in private[["method", "rank"]].drop_duplicates()
-                  .sort_values(["method", "rank"]).itertuples(index=False)]
+        pairs = private[["method", "rank"]].drop_duplicates().itertuples(index=False)
+        labels = [f"{m} r={r}" for m, r in sorted(pairs, key=lambda p: (_method_key(p[0]),
+                                                                         p[1]))]
         epsilons = sorted(private["target_epsilon"].unique())
         width = 0.8 / max(len(epsilons), 1)
         for i, eps in enumerate(epsilons):
@@ -264,6 +269,12 @@ def _html_table(frame, columns: list[str]) -> str:
 METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
 
 
+def _method_key(method: str) -> tuple[int, str]:
+    """Sort key: Fed-SB, then the baselines in paper order, then anything else by name."""
+    known = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return known, method
+
+
 def accuracy_grid(summary):
     """Test accuracy as a grid: one row per (partition, ε), one column per method and rank.
 
@@ -279,13 +290,9 @@ def accuracy_grid(summary):
     """
     import pandas as pd
 
-    def order(method):
-        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER),
-                method)
-
     keys = sorted({(m, int(r)) for m, r in zip(summary["method"], summary["rank"],
                                                 strict=True)},
-                  key=lambda k: (order(k[0]), k[1]))
+                  key=lambda k: (_method_key(k[0]), k[1]))
     rows = []
     for (partition, eps), group in summary.groupby(["partition", "target_epsilon"], sort=True):
         row = {"partition": partition, "ε": _fmt(float(eps))}
