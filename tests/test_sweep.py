@@ -202,9 +202,13 @@ def test_comparison_names_the_best_of_each_side_and_calls_ties():
     close = [dict(method="fedsb", seed=s, test_accuracy=a) for s, a in enumerate([0.6, 0.7])]
     close += [dict(method="fedit", seed=s, test_accuracy=a) for s, a in enumerate([0.64, 0.68])]
     assert comparison(aggregate(_frame(close))).iloc[0]["verdict"] == "tie"
-    behind = [dict(method="fedsb", seed=0, test_accuracy=0.5),
-              dict(method="fedit", seed=0, test_accuracy=0.6)]
+    behind = [dict(method="fedsb", seed=s, test_accuracy=a) for s, a in enumerate([.5, .51])]
+    behind += [dict(method="fedit", seed=s, test_accuracy=a) for s, a in enumerate([.6, .61])]
     assert comparison(aggregate(_frame(behind))).iloc[0]["verdict"] == "Fed-SB behind"
+    single = [dict(method="fedsb", seed=0, test_accuracy=0.8),
+              dict(method="fedit", seed=0, test_accuracy=0.7)]
+    assert comparison(aggregate(_frame(single))).iloc[0]["verdict"] == (
+        "one seed: no spread to judge by")
 
 
 def test_paired_gaps_follow_each_seed_split():

@@ -80,7 +80,8 @@ def comparison(summary, frame=None):
     """Fed-SB (best rank) against the best baseline per partition and ε.
 
     A difference within the larger of the two seed standard deviations is called a tie: with
-    three seeds nothing finer is supported. With the per-run ``frame`` a ``paired_gaps``
+    three seeds nothing finer is supported. With a single seed on either side there is no
+    spread, and no verdict is given. With the per-run ``frame`` a ``paired_gaps``
     column adds the gap seed by seed (the same seed means the same client split).
 
     Args:
@@ -104,8 +105,11 @@ def comparison(summary, frame=None):
         rival = theirs.loc[theirs["accuracy_mean"].idxmax()]
         gap = best["accuracy_mean"] - rival["accuracy_mean"]
         spread = max(best["accuracy_std"], rival["accuracy_std"])
-        verdict = "tie" if abs(gap) <= spread else ("Fed-SB ahead" if gap > 0 else
-                                                    "Fed-SB behind")
+        if min(best["seeds"], rival["seeds"]) < 2:
+            verdict = "one seed: no spread to judge by"  # a gap of 1 record is not a win
+        else:
+            verdict = "tie" if abs(gap) <= spread else ("Fed-SB ahead" if gap > 0 else
+                                                        "Fed-SB behind")
         rows.append({
             "partition": partition, "target_epsilon": eps,
             "fedsb": f"r={best['rank']}: {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f}",
