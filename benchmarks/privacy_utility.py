@@ -51,9 +51,9 @@ def main() -> None:
               f" seed={cell.seed}", flush=True)
 
     run_sweep(spec, args.out, on_cell=progress, workers=args.workers)
-    write_report(args.out)
     target = args.out
     if args.archive:
+        write_report(args.out)  # the sweep's own report, beside its cells
         archive_runs(args.out, args.archive)
         target = args.archive
     outputs = write_report(target, merge=args.merge)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.sweep.results import RESULTS_FILE, collect_results
+from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
 
@@ -157,9 +157,7 @@ def _plots(summary, directory: str) -> list[str]:
                              squeeze=False)
     for ax, partition in zip(axes[0], partitions, strict=True):
         part = summary[summary["partition"] == partition]
-        for (method, rank), group in sorted(part.groupby(["method", "rank"]),
-                                            key=lambda item: (_method_key(item[0][0]),
-                                                              item[0][1])):
+        for (method, rank), group in _method_rank_groups(part):
             group = group.sort_values("target_epsilon")
             ax.errorbar([positions[e] for e in group["target_epsilon"]], group["accuracy_mean"],
                         yerr=group["accuracy_std"], marker=styles[method][1], capsize=3,
@@ -191,9 +189,7 @@ def _plots(summary, directory: str) -> list[str]:
     for ax, (partition, eps) in zip(axes.flat, panels, strict=False):
         panel = summary[(summary["partition"] == partition)
                         & (summary["target_epsilon"] == eps)]
-        for (method, rank), group in sorted(panel.groupby(["method", "rank"]),
-                                            key=lambda item: (_method_key(item[0][0]),
-                                                              item[0][1])):
+        for (method, rank), group in _method_rank_groups(panel):
             ax.scatter(group["bytes_total"], group["accuracy_mean"], color=styles[method][0],
                        marker=styles[method][1], s=20 + rank_sizes[rank],
                        label=f"{method} r={rank}")
@@ -224,8 +220,7 @@ def _plots(summary, directory: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(private):
         pairs = private[["method", "rank"]].drop_duplicates().itertuples(index=False)
-        labels = [f"{m} r={r}" for m, r in sorted(pairs, key=lambda p: (_method_key(p[0]),
-                                                                         p[1]))]
+        labels = [f"{m} r={r}" for m, r in sorted(pairs, key=_pair_key)]
         epsilons = sorted(private["target_epsilon"].unique())
         width = 0.8 / max(len(epsilons), 1)
         for i, eps in enumerate(epsilons):
@@ -279,6 +274,16 @@ def _method_key(method: str) -> tuple[int, str]:
     return known, method
 
 
+def _pair_key(pair: tuple[str, int]) -> tuple[int, str, int]:
+    """Sort key of a (method, rank) pair: method order, then rank."""
+    return (*_method_key(pair[0]), pair[1])
+
+
+def _method_rank_groups(frame):
+    """``frame`` grouped by (method, rank), in :func:`_pair_key` order."""
+    return sorted(frame.groupby(["method", "rank"]), key=lambda item: _pair_key(item[0]))
+
+
 def accuracy_grid(summary):
     """Test accuracy as a grid: one row per (partition, ε), one column per method and rank.
 
@@ -295,8 +300,7 @@ def accuracy_grid(summary):
     import pandas as pd
 
     keys = sorted({(m, int(r)) for m, r in zip(summary["method"], summary["rank"],
-                                                strict=True)},
-                  key=lambda k: (_method_key(k[0]), k[1]))
+                                                strict=True)}, key=_pair_key)
     rows = []
     for (partition, eps), group in summary.groupby(["partition", "target_epsilon"], sort=True):
         row = {"partition": partition, "ε": _fmt(float(eps))}
@@ -331,8 +335,7 @@ def _gather(path: str, merge: Sequence[str]):
     if len(twice):
         raise ConfigError(f"run(s) {sorted(set(twice))} appear in more than one source; "
                           "a report counts each run once")
-    return combined.sort_values(["partition", "method", "rank", "target_epsilon", "seed"],
-                                kind="stable").reset_index(drop=True)
+    return combined.sort_values(ROW_ORDER, kind="stable").reset_index(drop=True)
 
 
 def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:

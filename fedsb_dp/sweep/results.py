@@ -12,6 +12,8 @@ from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated import run_dir as rd
 
 RESULTS_FILE = "results.csv"
+#: Row order of every results table.
+ROW_ORDER = ["partition", "method", "rank", "target_epsilon", "seed"]
 
 
 def run_dirs(path: str) -> list[str]:
@@ -78,8 +80,7 @@ def collect_results(path: str, *, write: bool = True):
     import pandas as pd
 
     frame = pd.DataFrame([run_row(p) for p in run_dirs(path)])
-    frame = frame.sort_values(["partition", "method", "rank", "target_epsilon", "seed"],
-                              kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(ROW_ORDER, kind="stable").reset_index(drop=True)
     if write:
         frame.to_csv(os.path.join(path, RESULTS_FILE), index=False)
     return frame
