@@ -1,6 +1,6 @@
 """Independent audit of a run (or sweep) directory, torch-free.
 
-:func:`audit_run` reads what ``fedsb_dp.federated.engine.run_federation`` wrote
+:func:`audit_run` reads what ``fedsb_dp.federated.inprocess.run_federation`` wrote
 (``config.json``, ``ledger.json``, ``metrics.jsonl``, ``provenance.json``, ``summary.json``,
 ``progress.json``), validates the ledger (schema and hash), the config digest and the provenance,
 recomputes every client's ε with the PRV bounds, PLD and RDP, checks

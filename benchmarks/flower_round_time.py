@@ -44,7 +44,7 @@ def _wait(port: int, timeout: float = 60) -> None:
 
 
 def engine(tmp: Path) -> dict:
-    from fedsb_dp.federated.engine import run_federation
+    from fedsb_dp.federated.inprocess import run_federation
     from fedsb_dp.federated.run_config import RunConfig
 
     result = run_federation(RunConfig(**SETTINGS, out=str(tmp / "engine")), progress=False)

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from fedsb_dp.console import quiet_expected_warnings
-from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.methods import method_class
 

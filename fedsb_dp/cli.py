@@ -158,21 +158,24 @@ def _print_summary(result) -> None:
 
 
 def _run_flower_sim(args: argparse.Namespace) -> int:
-    if args.resume or args.export_merged or args.export_peft:
-        raise FedSBError("--engine flower-sim supports neither --resume nor --export-merged/"
-                         "--export-peft; use --engine inprocess for those")
+    if args.export_merged or args.export_peft:
+        raise FedSBError("--engine flower-sim does not support --export-merged/--export-peft; "
+                         "use --engine inprocess for those")
     try:
         from fedsb_dp.flower.simulation import run_flower_simulation
     except ImportError as exc:
         raise FedSBError(f"--engine flower-sim needs the 'flower' extra ({exc}); install it "
                          "with: pip install -e '.[flower]'") from exc
-    result = run_flower_simulation(_run_config(args))
+    if args.resume:
+        result = run_flower_simulation(resume=args.resume)
+    else:
+        result = run_flower_simulation(_run_config(args))
     _print_summary(result)
     return 0 if result.status == "completed" else 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedsb_dp.federated.engine import run_federation
+    from fedsb_dp.federated.inprocess import run_federation
     from fedsb_dp.federated.run_config import RunConfig
 
     if args.engine == "flower-sim":

@@ -15,7 +15,7 @@ import torch
 
 from accounting import PrivacyLedger, federation_epsilon
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
 
 SMALL = dict(max_train_records=240, max_eval_records=64, clients=3, rounds=2, local_steps=2,

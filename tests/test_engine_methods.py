@@ -9,7 +9,7 @@ import pytest
 
 from accounting import PrivacyLedger, federation_epsilon
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
 
 SMALL = dict(max_train_records=240, max_eval_records=48, clients=3, rounds=2, local_steps=2,

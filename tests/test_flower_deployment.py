@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from accounting import PrivacyLedger  # noqa: E402
-from fedsb_dp.federated.engine import run_federation  # noqa: E402
+from fedsb_dp.federated.inprocess import run_federation  # noqa: E402
 from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,9 +39,8 @@ def test_run_config_round_trip_and_errors():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"dp_level": "client"}, "record-level"),
-    ({"init": "gradient-svd", "init_source": "public"}, "data-free"),
-    ({"method": "fedit"}, "'fedsb' only"),
+    ({"init": "gradient-svd", "init_source": "dp"}, "data-free"),
+    ({"method": "central-sb"}, "pools every record"),
 ])
 def test_unsupported_settings_are_refused(change, match):
     with pytest.raises(ConfigError, match=match):

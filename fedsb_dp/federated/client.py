@@ -18,6 +18,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -28,6 +29,7 @@ from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.losses import example_losses
+from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
 
@@ -294,3 +296,47 @@ class DPClient:
                 event=config.step_event(self.num_records),
                 fingerprint=frozen_fingerprint(model),
             )
+
+
+def train_instruction(
+    client: DPClient,
+    private_model: nn.Module,
+    instruction: Any,
+    streams: RandomStreams,
+    *,
+    on_step: Callable[[int], None] | None = None,
+) -> ClientUpdate:
+    """Carry out one round's :class:`~fedsb_dp.federated.protocol.Instruction` (both drivers).
+
+    The client draws its batches, noise and dropout from the run's named streams at its
+    stream index (OS entropy when unseeded), trains at its rank and returns what it sends:
+    its state truncated to that rank.
+
+    Raises:
+        ConfigError: If the instruction is addressed to another client.
+
+    """
+    from fedsb_dp.methods import pad_state, set_active_rank, truncate_state
+
+    if instruction.client_id != client.client_id:
+        raise ConfigError(f"an instruction for {instruction.client_id!r} reached "
+                          f"{client.client_id!r}")
+    model = private_model._module if hasattr(private_model, "_module") else private_model
+    # A lower-rank client receives only its leading block of R; the rest cannot move its
+    # output, so zeros stand in for it while it trains.
+    start = pad_state(instruction.state, trainable_state(model))
+    index, t = instruction.stream_index, instruction.round_index
+    set_active_rank(model, instruction.rank)
+    try:
+        update = client.train_round(
+            private_model, start, instruction.local,
+            noise_generator=streams.torch("noise", t, index),
+            sampling_generator=streams.torch("poisson", t, index),
+            dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
+    finally:
+        set_active_rank(model, None)
+    if instruction.rank is None:
+        return update
+    return ClientUpdate(client_id=update.client_id,
+                        state=truncate_state(update.state, instruction.rank),
+                        steps=update.steps, event=update.event, fingerprint=update.fingerprint)

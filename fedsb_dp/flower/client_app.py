@@ -24,14 +24,13 @@ from opacus import GradSampleModule
 
 from fedsb_dp.adapters import frozen_fingerprint
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.federated.client import DPClient
-from fedsb_dp.federated.engine import _local_config
+from fedsb_dp.federated.client import DPClient, train_instruction
+from fedsb_dp.federated.setup import client_id, node_client
 from fedsb_dp.flower.common import (
     SetupInfo,
     build_model,
-    client_id,
-    load_client,
-    record_to_state,
+    load_base,
+    records_to_instruction,
     update_to_records,
 )
 from fedsb_dp.rng import RandomStreams
@@ -71,7 +70,7 @@ def _client(setup: SetupInfo, context: Context, tokenizer: object) -> DPClient:
     partition_id, num_partitions, data_path = _node_partition(context)
     key = (setup.key(), partition_id, data_path or "")
     if key not in _clients:
-        _clients[key] = load_client(
+        _clients[key] = node_client(
             setup.config, partition_id=partition_id, num_partitions=num_partitions,
             partition_seed=setup.partition_seed, label_names=setup.label_names,
             tokenizer=tokenizer, data_path=data_path)
@@ -92,38 +91,31 @@ def handle_query(message: Message, context: Context) -> Message:
 
 
 def handle_train(message: Message, context: Context) -> Message:
-    """One round: start from R̄, run the planned DP-SGD steps, return R, head and events.
+    """One round: carry out the server's instruction and return R, head and events.
 
     Raises:
-        AdapterMismatchError: If the server's fingerprint differs from this node's factors.
+        AdapterMismatchError: If the server's fingerprint differs from this node's tensors.
         ConfigError: If the server addressed another client id or sent a malformed message.
 
     """
     content = message.content
     setup = SetupInfo.from_record(content.config_records["setup"])
-    round_record = content.config_records["round"]
-    loaded, private_model, fingerprint = _model(setup)
+    instruction, base = records_to_instruction(content)
+    loaded, private_model, _ = _model(setup)
     client = _client(setup, context, loaded.tokenizer)
-    if str(round_record["client-id"]) != client.client_id:
-        raise ConfigError(f"the server addressed {round_record['client-id']!r}, this node "
+    if instruction.client_id != client.client_id:
+        raise ConfigError(f"the server addressed {instruction.client_id!r}, this node "
                           f"holds {client.client_id!r}")
-    if str(round_record["fingerprint"]) != fingerprint:
+    load_base(loaded.model, base)
+    fingerprint = frozen_fingerprint(loaded.model)
+    if instruction.fingerprint != fingerprint:
         raise AdapterMismatchError(
-            f"{client.client_id}: the server's factors {str(round_record['fingerprint'])[:16]}… "
+            f"{client.client_id}: the server's frozen tensors {instruction.fingerprint[:16]}… "
             f"differ from this node's {fingerprint[:16]}…")
-    round_index = int(round_record["round"])
-    sigma = float(round_record["noise-multiplier"])
-    local = _local_config(setup.config, sigma)
-    # Same named streams and indices as the in-process engine, so a seeded run draws the
-    # same batches and noise; unseeded, every stream comes from this node's OS entropy.
-    streams = RandomStreams(setup.config.seed)
-    index = int(client.client_id.rsplit("-", 1)[1])
-    update = client.train_round(
-        private_model, record_to_state(content.array_records["arrays"]), local,
-        noise_generator=streams.torch("noise", round_index, index),
-        sampling_generator=streams.torch("poisson", round_index, index),
-        dropout_seed=streams.integer("dropout", round_index, index),
-    )
+    # The run's named streams at this client's index: a seeded run draws what the in-process
+    # engine draws; unseeded, every stream comes from this node's OS entropy.
+    update = train_instruction(client, private_model, instruction,
+                               RandomStreams(setup.config.seed))
     return Message(RecordDict(update_to_records(update)), reply_to=message)
 
 

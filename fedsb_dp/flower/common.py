@@ -1,11 +1,15 @@
-"""What the Flower ClientApp and ServerApp share: the data-free model, client data, wire format.
+"""What the Flower ClientApp and ServerApp share: the data-free model and the wire format.
 
 Wire format (every value a Flower record type, nothing pickled):
 
 * server → client, ``query`` (setup) and ``train``: ConfigRecord ``"setup"`` with the run's
   settings as canonical JSON (``run-config``), ``partition-seed``, ``init-seed`` and
-  ``label-names``; ``train`` adds ConfigRecord ``"round"`` (``round``, ``noise-multiplier``,
-  ``fingerprint``, ``client-id``) and ArrayRecord ``"arrays"`` (R̄ and head).
+  ``label-names``; ``train`` adds ConfigRecord ``"round"`` (the protocol's
+  :class:`~fedsb_dp.federated.protocol.Instruction`: ``round``, ``client-id``,
+  ``stream-index``, ``rank``, ``fingerprint`` and the local DP-SGD settings ``local-*``, σ
+  included), ArrayRecord ``"arrays"`` (the state it starts from: R̄ and head, truncated to the
+  client's rank) and, for FedEx-LoRA and FLoRA, ArrayRecord ``"base"`` (the folded base
+  weights, so a node that missed a round or restarted stays bit-identical).
 * client → server, ``query``: ConfigRecord ``"client"`` (``client-id``, ``num-records``,
   ``fingerprint``). Nᵢ is public in this project: it sets qᵢ = b/Nᵢ, which the server needs to
   calibrate σ, exactly as in the in-process engine.
@@ -25,43 +29,35 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from accounting import event_from_dict
-from fedsb_dp.adapters import (
-    SBConfig,
-    find_target_modules,
-    inject_adapters,
-    random_orthonormal_init,
-    w0_svd_init,
-)
-from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.client import ClientUpdate, DPClient
-from fedsb_dp.federated.partition import client_frames, partition_records
+from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig
+from fedsb_dp.federated.protocol import Instruction
 from fedsb_dp.federated.run_config import RunConfig
-from fedsb_dp.models import LoadedModel, load_model
+from fedsb_dp.federated.setup import (
+    inject,
+    load_base_model,
+    make_method,
+)
+from fedsb_dp.methods.state import load_tensors
+from fedsb_dp.models import LoadedModel
 
-TASK = "sequence-classification"
 DATA_FREE_INITS = ("w0-svd", "random-orthonormal")
 
 
 def check_supported(config: RunConfig) -> None:
-    """Refuse settings the Flower path does not implement (before anything is spent).
+    """Refuse settings the Flower driver does not implement (before anything is spent).
+
+    Every method and both DP levels run on Flower; two things do not: the centralised
+    references (one pooled client is not a federation) and a data-dependent initialisation
+    (every node must derive the same B and A without reading private records).
 
     Raises:
-        ConfigError: For another method than Fed-SB, rank-heterogeneous clients, client-level
-            DP or a data-dependent initialisation.
+        ConfigError: For a ``central-*`` method or a gradient-SVD init.
 
     """
-    method = config.method
-    if method != "fedsb":
-        raise ConfigError(f"method={method!r}: the Flower engine runs 'fedsb' only; use the "
-                          "in-process engine for the baselines")
-    if config.client_ranks is not None:
-        raise ConfigError("client_ranks (rank-heterogeneous clients) are not implemented by "
-                          "the Flower engine; leave client_ranks unset")
-    if config.dp_level != "example":
-        raise ConfigError(
-            f"dp_level={config.dp_level!r}: the Flower engine implements record-level DP only "
-            "('example'); use the in-process engine for client-level DP")
+    if config.method_is_central:
+        raise ConfigError(f"method={config.method!r} pools every record in one place; it is a "
+                          "reference for the in-process engine, not a federation")
     if config.init not in DATA_FREE_INITS:
         raise ConfigError(
             f"init={config.init!r}: the Flower engine needs a data-free initialisation, one "
@@ -69,89 +65,12 @@ def check_supported(config: RunConfig) -> None:
             "reading private records")
 
 
-def client_id(partition_id: int) -> str:
-    """Ledger key of the client holding partition ``partition_id`` (as in the engine)."""
-    return f"client-{partition_id}"
-
-
-def sb_config(config: RunConfig) -> SBConfig:
-    """Adapter settings of a run (the same mapping as the in-process engine)."""
-    return SBConfig(rank=config.rank, target_modules=config.targets,
-                    dropout=config.adapter_dropout, train_head=config.train_head,
-                    train_pooler=config.train_pooler)
-
-
 def build_model(config: RunConfig, *, num_labels: int, init_seed: int) -> LoadedModel:
-    """Load the model and inject the agreed B, A, R⁰ — data-free, so every node can do it.
-
-    ``w0-svd`` is a function of the pretrained weights alone; ``random-orthonormal`` of
-    ``init_seed``, which the server draws and sends (it is public: B and A are public).
-    The head is drawn from a fixed seed by :func:`fedsb_dp.models.load_model`.
-    """
+    """Load the model and inject the agreed adapters — data-free, so every node can do it."""
     check_supported(config)
-    loaded = load_model(config.model, task=TASK, num_labels=num_labels,
-                        pooling=config.pooling)
-    if not config.model_dropout:
-        for module in loaded.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    sb = sb_config(config)
-    model = loaded.model
-    targets = find_target_modules(model, sb.resolved_targets(model.config.model_type),
-                                  rank=config.rank)
-    if config.init == "w0-svd":
-        result = w0_svd_init(targets, rank=config.rank)
-    else:
-        result = random_orthonormal_init(targets, rank=config.rank, seed=init_seed)
-    inject_adapters(model, result.factors, sb)
+    loaded = load_base_model(config, num_labels=num_labels)
+    inject(config, make_method(config), loaded.model, init_seed=init_seed)
     return loaded
-
-
-def load_client(
-    config: RunConfig,
-    *,
-    partition_id: int,
-    num_partitions: int,
-    partition_seed: int,
-    label_names: tuple[str, ...],
-    tokenizer: object,
-    data_path: str | None = None,
-) -> DPClient:
-    """The records this node holds, as a :class:`DPClient`.
-
-    Without ``data_path`` the node loads ``config.dataset`` and keeps partition
-    ``partition_id`` of the same seeded split (``config.partition``) the in-process engine
-    makes (simulations and tests). With ``data_path`` (node config ``data-path``) it reads
-    its own file, of which only the training split is used.
-
-    Raises:
-        ConfigError: If the partition does not fit the federation or the labels differ.
-
-    """
-    if num_partitions != config.clients:
-        raise ConfigError(f"this node is one of num-partitions={num_partitions}, the run "
-                          f"has clients={config.clients}; they must be equal")
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
-    data = load_text_classification(
-        data_path or config.dataset, text_column=config.text_column,
-        text_pair_column=config.text_pair_column, label_column=config.label_column,
-        max_train_records=None if data_path else config.max_train_records,
-    )
-    if tuple(data.label_names) != tuple(label_names):
-        raise ConfigError(f"this node's labels {list(data.label_names)} differ from the "
-                          f"federation's {list(label_names)}")
-    if data_path:
-        frame = data.train
-    else:
-        spec = config.partition
-        # The engine's rule: non-IID splits must leave every client a full expected batch.
-        parts = partition_records(
-            data.train["label"].to_numpy(), spec, num_clients=num_partitions,
-            seed=partition_seed, min_records=1 if spec == "iid" else config.batch_size)
-        frame = client_frames(data.train, parts)[client_id(partition_id)]
-    dataset = TokenizedDataset(frame, tokenizer, max_length=config.max_length)
-    return DPClient(client_id(partition_id), dataset, make_collate(tokenizer), task=TASK)
 
 
 # ------------------------------------------------------------------ wire format
@@ -238,3 +157,60 @@ def records_to_update(content: Any) -> ClientUpdate:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"malformed train reply: {type(exc).__name__}: {exc}") from exc
+
+
+_LOCAL_FIELDS = ("expected_batch_size", "local_steps", "learning_rate", "optimizer",
+                 "max_grad_norm", "noise_multiplier", "max_physical_batch_size", "weight_decay")
+
+
+def instruction_to_records(instruction: Instruction,
+                           base: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """A ``train`` message's records: the instruction and any folded base weights.
+
+    FedEx-LoRA and FLoRA fold updates into the base weights; sending those weights keeps a
+    node that missed a round, or restarted, bit-identical to the server.
+    """
+    local = {f"local-{name.replace('_', '-')}": getattr(instruction.local, name)
+             for name in _LOCAL_FIELDS}
+    records: dict[str, Any] = {
+        "arrays": state_to_record(instruction.state),
+        "round": ConfigRecord({"round": instruction.round_index,
+                               "client-id": instruction.client_id,
+                               "stream-index": instruction.stream_index,
+                               "rank": -1 if instruction.rank is None else instruction.rank,
+                               "fingerprint": instruction.fingerprint, **local}),
+    }
+    if base:
+        records["base"] = state_to_record(base)
+    return records
+
+
+def records_to_instruction(content: Any) -> tuple[Instruction, dict[str, torch.Tensor]]:
+    """Parse what :func:`instruction_to_records` wrote.
+
+    Raises:
+        ConfigError: If a record or field is missing or has the wrong type.
+
+    """
+    try:
+        record = content.config_records["round"]
+        local = LocalTrainingConfig(**{name: record[f"local-{name.replace('_', '-')}"]
+                                       for name in _LOCAL_FIELDS})
+        rank = int(record["rank"])
+        instruction = Instruction(
+            client_id=str(record["client-id"]), stream_index=int(record["stream-index"]),
+            round_index=int(record["round"]), local=local,
+            rank=None if rank < 0 else rank,
+            state=record_to_state(content.array_records["arrays"]),
+            fingerprint=str(record["fingerprint"]))
+        base = (record_to_state(content.array_records["base"])
+                if "base" in content.array_records else {})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"malformed train instruction: {type(exc).__name__}: {exc}") from exc
+    return instruction, base
+
+
+def load_base(model: torch.nn.Module, base: Mapping[str, torch.Tensor]) -> None:
+    """Set the folded base weights a ``train`` message carried (no-op when there are none)."""
+    if base:
+        load_tensors(model, base)

@@ -28,11 +28,14 @@ class FlowerOptions:
         round_timeout: Seconds the server waits for a round's replies; a client that has not
             answered by then is treated as dropped (and stays charged for the round).
         node_wait_timeout: Seconds the server waits for ``clients`` SuperNodes to connect.
+        resume: Continue the run in ``out`` from its last completed round (the same nodes
+            must connect again).
 
     """
 
     round_timeout: float = 900.0
     node_wait_timeout: float = 300.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("round_timeout", "node_wait_timeout"):

@@ -1,61 +1,47 @@
-"""The Fed-SB ServerApp: setup, calibration, the round loop and the run directory.
+"""The ServerApp: the Flower driver's setup around the round protocol.
 
 Setup (before anything private is released):
 
-1. Check the settings, derive the public seeds (partition, random-orthonormal factors) from
-   the run's seed (OS entropy when unseeded), load the evaluator's validation/test split and
-   build the model with the data-free B, A, R⁰.
-2. Wait for ``clients`` SuperNodes and send each a ``query``: every node derives the factors
-   itself and reports its client id, Nᵢ (public: it sets qᵢ = b/Nᵢ) and the factors'
-   fingerprint, which must equal the server's bit for bit.
-3. Check δ < 1/N_total, calibrate σ once for the whole plan, write ``config.json``,
-   ``provenance.json``, ``ledger.json``, ``init_adapter/`` and ``progress.json``.
+1. Check the settings, derive the public seeds (partition, random factors) from the run's
+   seed (OS entropy when unseeded), load the evaluator's validation/test split and build the
+   model with the method's data-free adapters.
+2. Wait for ``clients`` SuperNodes and send each a ``query``: every node derives the
+   adapters itself and reports its client id, Nᵢ (public: it sets qᵢ = b/Nᵢ) and the
+   fingerprint of its frozen tensors, which must equal the server's bit for bit.
+3. Hand everything to :meth:`RoundProtocol.create` (δ check, σ calibrated once, run
+   directory) — or, with ``resume``, reopen the run with :meth:`RoundProtocol.resume`.
 
-Then :class:`~fedsb_dp.flower.strategy.FedSBStrategy` runs the rounds, and the server writes
-``metrics.jsonl``, ``checkpoint.safetensors``, ``final_adapter/`` and ``summary.json`` (ε
-recomputed from the saved ledger) — the in-process engine's layout.
+Then :class:`~fedsb_dp.flower.strategy.ProtocolStrategy` carries the protocol's rounds as
+messages, and :meth:`RoundProtocol.finish` writes the summary: the run directory is the
+in-process engine's, file for file.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-import types
 from typing import Any
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
-from accounting import (
-    BudgetGuard,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    check_delta,
-    default_delta,
-)
-from fedsb_dp.adapters import frozen_fingerprint, save_sb_adapter, trainable_state
-from fedsb_dp.adapters.export import set_trainable_state
-from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
+from fedsb_dp.adapters import frozen_fingerprint
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.federated.client import sampling_probability
-from fedsb_dp.federated.engine import _local_config, _plan, epsilon_report
-from fedsb_dp.federated.evaluation import evaluate_classifier
+from fedsb_dp.federated.protocol import Prepared, RoundProtocol
 from fedsb_dp.federated.run_config import RunConfig
-from fedsb_dp.flower.common import (
-    SetupInfo,
-    build_model,
-    check_supported,
+from fedsb_dp.federated.setup import (
+    Evaluator,
     client_id,
-    record_to_state,
-    sb_config,
-    state_to_record,
+    inject,
+    load_base_model,
+    load_data,
+    make_method,
 )
+from fedsb_dp.flower.common import SetupInfo, check_supported
 from fedsb_dp.flower.run_config import FlowerOptions, from_flower
-from fedsb_dp.flower.strategy import FedSBStrategy, RoundOutcome
+from fedsb_dp.flower.strategy import ProtocolStrategy
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -124,152 +110,56 @@ def query_clients(grid: Grid, setup: SetupInfo, fingerprint: str, *, wait_timeou
     return {cid: nodes[cid] for cid in expected}, {cid: sizes[cid] for cid in expected}
 
 
+def _prepare(config: RunConfig, progress: dict[str, Any] | None,
+             ) -> tuple[SetupInfo, Any, Evaluator]:
+    """The evaluator's data, the public seeds and the model (adapters injected when new)."""
+    streams = RandomStreams(config.seed)
+    data = load_data(config)
+    seeds = ((progress["partition_seed"], progress["init_seed"]) if progress else
+             (streams.integer("partition"), streams.integer("init-factors")))
+    setup = SetupInfo(config=config, partition_seed=seeds[0], init_seed=seeds[1],
+                      label_names=tuple(data.label_names))
+    loaded = load_base_model(config, num_labels=data.num_labels)
+    return setup, loaded, Evaluator.build(config, data, loaded.tokenizer)
+
+
 def run_server(grid: Grid, config: RunConfig, options: FlowerOptions) -> dict[str, Any]:
-    """The whole server side of a Flower run; returns the summary written to disk."""
-    started = time.time()
+    """The whole server side of a Flower run (new, or resumed with ``options.resume``)."""
     # dp_accounting's RDP cross-check warns per skipped order at small σ (as in the CLI).
     logging.getLogger("absl").setLevel(logging.ERROR)
-    check_supported(config)
     out = os.path.abspath(config.out or rd.default_run_dir())
-    config = RunConfig.from_dict({**config.to_dict(), "out": out})
-    paths = {name: os.path.join(out, name) for name in (
-        rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROGRESS, rd.PROVENANCE, rd.INIT_ADAPTER,
-        rd.CHECKPOINT, rd.FINAL_ADAPTER, rd.SUMMARY)}
-    rd.check_new_run_dir(out)
-    streams = RandomStreams(config.seed)
-    setup_data = load_text_classification(
-        config.dataset, text_column=config.text_column,
-        text_pair_column=config.text_pair_column, label_column=config.label_column,
-        max_train_records=config.max_train_records)
-    setup = SetupInfo(config=config, partition_seed=streams.integer("partition"),
-                      init_seed=streams.integer("init-factors"),
-                      label_names=tuple(setup_data.label_names))
-    loaded = build_model(config, num_labels=len(setup.label_names), init_seed=setup.init_seed)
-    model = loaded.model
-    fingerprint = frozen_fingerprint(model)
-    nodes, sizes = query_clients(grid, setup, fingerprint,
+    progress = None
+    if options.resume:
+        config, progress = RoundProtocol.saved(out)
+    else:
+        config = RunConfig.from_dict({**config.to_dict(), "out": out})
+        rd.check_new_run_dir(out)
+    check_supported(config)
+    setup, loaded, evaluator = _prepare(config, progress)
+    if progress is None:
+        # Data-free adapters now, so the nodes' fingerprints can be checked before any
+        # file is written or anything is charged.
+        inject(config, make_method(config), loaded.model, init_seed=setup.init_seed)
+        init_fingerprint = frozen_fingerprint(loaded.model)
+    else:
+        init_fingerprint = progress["init_fingerprint"]
+    nodes, sizes = query_clients(grid, setup, init_fingerprint,
                                  wait_timeout=options.node_wait_timeout,
                                  timeout=options.round_timeout)
-
-    n_total = sum(sizes.values())
-    delta = config.delta if config.delta is not None else default_delta(n_total)
-    if config.private:
-        check_delta(delta, n_total=n_total, allow_large=config.allow_large_delta)
-    for size in sizes.values():
-        sampling_probability(config.batch_size, size)
-    # _plan reads only each client's Nᵢ; the nodes reported theirs in the setup query.
-    plan_view = types.SimpleNamespace(clients={
-        cid: types.SimpleNamespace(num_records=n) for cid, n in sizes.items()})
-    sigma = (calibrate_noise_multiplier(
-        target_epsilon=config.epsilon, target_delta=delta, plan=_plan(config, plan_view),
-        accountant=config.accountant).noise_multiplier if config.private else 0.0)
-
-    rd.claim_new_run_dir(out)
-    rd.write_json_atomic(paths[rd.CONFIG], {"config": config.to_dict(),
-                                            "digest": config.digest(), "engine": ENGINE})
-    rd.write_json_atomic(paths[rd.PROVENANCE],
-                         {**rd.provenance(config.digest(), seeded=streams.seeded),
-                          "engine": ENGINE})
-    ledger = PrivacyLedger(
-        unit=config.dp_level, dataset_sizes=sizes, target_epsilon=config.epsilon,
-        target_delta=delta, allow_large_delta=config.allow_large_delta,
-        metadata={"seed_mode": "seeded" if streams.seeded else "os-entropy",
-                  "noise_is_release": not streams.seeded, "sampling": "poisson",
-                  "noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
-                  "method": config.method,
-                  "dp_level": config.dp_level})
-    ledger.save(paths[rd.LEDGER])
-    sb = sb_config(config)
-    save_sb_adapter(model, paths[rd.INIT_ADAPTER], sb, base_model=config.model)
-    # B and A never travel: every node derives them, so the one-time setup cost is zero.
-    state = {"completed_rounds": 0, "aggregated_rounds": 0, "failed_rounds": [],
-             "partition_seed": setup.partition_seed, "init_seed": setup.init_seed,
-             "noise_multiplier": sigma, "fingerprint": fingerprint, "bytes_setup": 0,
-             "bytes_up": 0, "bytes_down": 0, "engine": ENGINE}
-    rd.write_json_atomic(paths[rd.PROGRESS], state)
-
-    local = _local_config(config, sigma)
-    guard = BudgetGuard(ledger, target_epsilon=config.epsilon if config.private else math.inf,
-                        delta=delta, accountant=config.accountant)
-    strategy = FedSBStrategy(config=config, setup=setup, nodes=nodes, ledger=ledger,
-                             guard=guard, ledger_path=paths[rd.LEDGER], noise_multiplier=sigma,
-                             fingerprint=fingerprint, local=local, streams=streams)
-    collate = make_collate(loaded.tokenizer)
-    validation, test = setup_data.validation, setup_data.test
-    if config.max_eval_records is not None:
-        validation = validation.head(config.max_eval_records)
-        test = test.head(config.max_eval_records)
-    validation = TokenizedDataset(validation, loaded.tokenizer, max_length=config.max_length)
-    test = TokenizedDataset(test, loaded.tokenizer, max_length=config.max_length)
-    num_labels = len(setup.label_names)
-    round_times: list[float] = []
-    round_started = [time.time()]
-
-    def on_round(outcome: RoundOutcome, arrays: Any) -> None:
-        metrics: dict[str, Any] = {"validation_accuracy": None, "validation_loss": None,
-                                   "validation_macro_f1": None}
-        if outcome.aggregated:
-            aggregated = record_to_state(arrays)
-            set_trainable_state(model, aggregated)
-            save_file({k: v.contiguous() for k, v in aggregated.items()},
-                      paths[rd.CHECKPOINT] + ".tmp")
-            os.replace(paths[rd.CHECKPOINT] + ".tmp", paths[rd.CHECKPOINT])
-            result = evaluate_classifier(model, validation, collate, num_labels=num_labels)
-            metrics = {"validation_accuracy": result["accuracy"],
-                       "validation_loss": result["loss"],
-                       "validation_macro_f1": result["macro_f1"]}
-            state["aggregated_rounds"] += 1
-        else:
-            state["failed_rounds"].append(outcome.round_index + 1)
-        state.update(completed_rounds=outcome.round_index + 1,
-                     bytes_up=state["bytes_up"] + outcome.bytes_up,
-                     bytes_down=state["bytes_down"] + outcome.bytes_down)
-        eps = (epsilon_report(paths[rd.LEDGER], delta, config.accountant)
-               if config.private else {"epsilon": math.inf})
-        now = time.time()
-        round_times.append(now - round_started[0])
-        rd.append_jsonl(paths[rd.METRICS], {
-            "round": outcome.round_index + 1, "participants": outcome.participants,
-            "aggregated": outcome.aggregated, "valid": outcome.valid,
-            "dropped": outcome.dropped, "rejected": outcome.rejected, **metrics,
-            "epsilon": eps["epsilon"], "bytes_up": outcome.bytes_up,
-            "bytes_down": outcome.bytes_down, "round_time_s": round_times[-1],
-            "elapsed_s": now - started})
-        rd.write_json_atomic(paths[rd.PROGRESS], state)
-        round_started[0] = time.time()
-
-    _, status, message = strategy.run_rounds(grid, state_to_record(trainable_state(model)),
-                                             timeout=options.round_timeout, on_round=on_round)
-    if state["failed_rounds"] and status == "completed":
-        message = (f"round(s) {state['failed_rounds']} were not aggregated (see "
-                   f"{rd.METRICS}); their steps are charged")
-    if state["aggregated_rounds"] > 0:
-        from safetensors.torch import load_file
-
-        set_trainable_state(model, load_file(paths[rd.CHECKPOINT]))
-    test_metrics = evaluate_classifier(model, test, collate, num_labels=num_labels)
-    save_sb_adapter(model, paths[rd.FINAL_ADAPTER], sb, base_model=config.model)
-    eps = (epsilon_report(paths[rd.LEDGER], delta, config.accountant) if config.private
-           else {"epsilon": math.inf, "delta": delta, "per_client_epsilon": {}})
-    summary = {
-        "status": status, "message": message, "engine": ENGINE,
-        "method": config.method,
-        "partition": config.partition,
-        "test_accuracy": test_metrics["accuracy"], "test_macro_f1": test_metrics["macro_f1"],
-        "test_loss": test_metrics["loss"], "test_examples": test_metrics["examples"],
-        "rounds_completed": state["completed_rounds"],
-        "rounds_aggregated": state["aggregated_rounds"],
-        "rounds_failed": state["failed_rounds"], "rounds_planned": config.rounds,
-        "noise_multiplier": sigma, "privacy": eps, "target_epsilon": config.epsilon,
-        "privacy_unit": config.dp_level, "bytes_setup": state["bytes_setup"],
-        "bytes_up": state["bytes_up"], "bytes_down": state["bytes_down"],
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "clients": sizes, "seed_mode": "seeded" if streams.seeded else "os-entropy",
-        "label_names": list(setup.label_names), "round_times_s": round_times,
-        "wall_time_s": time.time() - started,
-    }
-    rd.write_json_atomic(paths[rd.SUMMARY], summary)
-    return summary
+    prepared = Prepared(model=loaded.model, tokenizer=loaded.tokenizer,
+                        resolved_path=loaded.resolved_path, sizes=sizes, evaluator=evaluator)
+    if progress is None:
+        protocol = RoundProtocol.create(config, prepared, engine=ENGINE,
+                                        partition_seed=setup.partition_seed,
+                                        init_seed=setup.init_seed)
+    else:
+        if sizes != progress["sizes"]:
+            raise ConfigError(f"the nodes now hold {sizes} records, the run was planned for "
+                              f"{progress['sizes']}; resume with the same nodes and data")
+        protocol = RoundProtocol.resume(out, prepared)
+    strategy = ProtocolStrategy(protocol=protocol, setup=setup, nodes=nodes)
+    strategy.run_rounds(grid, timeout=options.round_timeout)
+    return protocol.finish()
 
 
 def make_server_app(config: RunConfig | None = None,

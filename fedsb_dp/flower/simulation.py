@@ -6,22 +6,28 @@ simulation engine); ClientApps run in Ray actors, the ServerApp in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from fedsb_dp.errors import FedSBError
+from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.federated.engine import RunResult
+from fedsb_dp.federated.inprocess import RunResult
+from fedsb_dp.federated.protocol import RoundProtocol
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.flower.common import check_supported
 from fedsb_dp.flower.run_config import FlowerOptions
 
 
-def run_flower_simulation(config: RunConfig, *, options: FlowerOptions | None = None,
+def run_flower_simulation(config: RunConfig | None = None, *,
+                          options: FlowerOptions | None = None, resume: str | None = None,
                           cpus_per_client: float = 1.0, verbose: bool = False) -> RunResult:
     """Run the federation with ``flwr.simulation.run_simulation``.
 
     Args:
-        config: The run's settings (``config.out`` defaults to ``runs/run-<timestamp>``).
+        config: The run's settings (``config.out`` defaults to ``runs/run-<timestamp>``);
+            ``None`` with ``resume``.
+        resume: A run directory to continue from its last completed round (its saved
+            settings are used).
         options: Flower-only settings (timeouts).
         cpus_per_client: Ray CPUs per ClientApp actor (how many train in parallel).
         verbose: Flower's verbose logging.
@@ -38,13 +44,23 @@ def run_flower_simulation(config: RunConfig, *, options: FlowerOptions | None = 
     from fedsb_dp.flower.client_app import app as client_app
     from fedsb_dp.flower.server_app import make_server_app
 
+    options = options or FlowerOptions()
+    if resume is not None:
+        out = os.path.abspath(resume)
+        config, _ = RoundProtocol.saved(out)
+        options = dataclasses.replace(options, resume=True)
+        if os.path.exists(os.path.join(out, rd.SUMMARY)):
+            raise ConfigError(f"{out!r} has finished ({rd.SUMMARY} exists); nothing to resume")
+    elif config is None:
+        raise ConfigError("run_flower_simulation needs a config or a run directory to resume")
+    else:
+        out = os.path.abspath(config.out or rd.default_run_dir())
+        rd.check_new_run_dir(out)
+        config = RunConfig.from_dict({**config.to_dict(), "out": out})
     check_supported(config)
-    out = os.path.abspath(config.out or rd.default_run_dir())
-    rd.check_new_run_dir(out)
-    config = RunConfig.from_dict({**config.to_dict(), "out": out})
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_simulation(
-        server_app=make_server_app(config, options or FlowerOptions()),
+        server_app=make_server_app(config, options),
         client_app=client_app,
         num_supernodes=config.clients,
         backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},

@@ -1,206 +1,110 @@
-"""The Fed-SB Strategy: the ledger, the budget guard and the aggregation of the Flower server.
+"""The Flower Strategy: the round protocol's instructions as messages, replies as updates.
 
-Per round (the same order as the in-process engine):
-
-1. :meth:`FedSBStrategy.configure_train` picks the participants, asks the budget guard to
-   reserve their planned DP-SGD steps and saves the ledger — *before* any instruction leaves
-   the server. A client that was sent instructions is charged whether or not it replies.
-2. :meth:`FedSBStrategy.aggregate_train` sorts the replies: error replies and missing
-   replies are *dropped* clients; replies that are malformed or inconsistent (wrong client
-   id, frozen-factor fingerprint, keys, shapes, dtype, step count, privacy event) are
-   *rejected*. Any rejection, or fewer than ``min_clients`` valid replies, means the round is
-   not aggregated (R̄ stays as it was). Otherwise R̄ is the uniform mean of the valid replies
-   (:func:`~fedsb_dp.federated.server.weighted_mean`, exact for Fed-SB). Either way the
-   reservation is committed: the steps were released to whoever received instructions.
+:meth:`ProtocolStrategy.configure_train` asks the
+:class:`~fedsb_dp.federated.protocol.RoundProtocol` to configure the round (the ledger is
+reserved and saved before any message exists) and turns each instruction into a ``train``
+message; :meth:`ProtocolStrategy.aggregate_train` turns the replies into updates (an error
+reply or a reply that cannot be parsed becomes a reason) and hands them to the protocol,
+which validates, aggregates and commits. Nothing about a round is decided here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from accounting import BudgetGuard, NonPrivateDpEvent, PrivacyLedger
-from fedsb_dp.errors import ConfigError, FedSBError
-from fedsb_dp.federated.client import LocalTrainingConfig
-from fedsb_dp.federated.engine import round_participants
-from fedsb_dp.federated.run_config import RunConfig
-from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
-from fedsb_dp.flower.common import SetupInfo, records_to_update, state_to_record
-from fedsb_dp.rng import RandomStreams
+from fedsb_dp.errors import FedSBError
+from fedsb_dp.federated.protocol import (
+    ClientReply,
+    NoUpdate,
+    RoundOutcome,
+    RoundProtocol,
+    RoundTicket,
+)
+from fedsb_dp.flower.common import (
+    SetupInfo,
+    instruction_to_records,
+    records_to_update,
+    state_to_record,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundOutcome:
-    """What happened in one round (for metrics.jsonl; nothing private).
-
-    Attributes:
-        round_index: 0-based round.
-        participants: Clients that were sent instructions (all charged).
-        valid: Clients whose replies were aggregated (or would have been).
-        dropped: Client → why no usable reply arrived (error reply, timeout).
-        rejected: Client → why its reply was refused.
-        aggregated: Whether R̄ was updated.
-        bytes_up: Bytes of the valid replies' tensors.
-        bytes_down: Bytes of R̄ sent to the participants.
-
-    """
-
-    round_index: int
-    participants: list[str]
-    valid: list[str] = field(default_factory=list)
-    dropped: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    aggregated: bool = False
-    bytes_up: int = 0
-    bytes_down: int = 0
-
-
-class FedSBStrategy(Strategy):
-    """Fed-SB with record-level DP on the Flower server.
+class ProtocolStrategy(Strategy):
+    """A Flower strategy that delegates every round decision to a :class:`RoundProtocol`.
 
     Args:
-        config: The run's settings.
-        setup: What every message tells clients (settings, seeds, labels).
+        protocol: The run's protocol (created or resumed by the ServerApp).
+        setup: What every message tells the nodes (settings, seeds, labels).
         nodes: Client id → Flower node id (from the setup query).
-        ledger: The run's ledger (its clients are the keys of ``nodes``).
-        guard: The budget guard over ``ledger``.
-        ledger_path: Where the ledger is saved after every reservation and commit.
-        noise_multiplier: σ, calibrated once for the whole plan.
-        fingerprint: Hash of the agreed frozen factors.
-        local: The clients' local training settings (σ included).
-        streams: The server's random streams (participation sampling).
 
     """
 
-    def __init__(self, *, config: RunConfig, setup: SetupInfo, nodes: dict[str, int],
-                 ledger: PrivacyLedger, guard: BudgetGuard, ledger_path: str,
-                 noise_multiplier: float, fingerprint: str, local: LocalTrainingConfig,
-                 streams: RandomStreams) -> None:
-        self.config = config
+    def __init__(self, *, protocol: RoundProtocol, setup: SetupInfo,
+                 nodes: dict[str, int]) -> None:
+        self.protocol = protocol
         self.setup = setup
         self.nodes = dict(nodes)
-        self.client_ids = sorted(nodes, key=lambda c: int(c.rsplit("-", 1)[1]))
-        self.ledger = ledger
-        self.guard = guard
-        self.ledger_path = ledger_path
-        self.noise_multiplier = noise_multiplier
-        self.fingerprint = fingerprint
-        self.local = local
-        self.streams = streams
-        self._round: dict[str, Any] | None = None
+        self._ticket: RoundTicket | None = None
         self.last_outcome: RoundOutcome | None = None
-
-    def _step_event(self, cid: str) -> Any:
-        if not self.config.private:
-            return NonPrivateDpEvent()
-        return self.local.step_event(self.ledger.dataset_sizes[cid])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Reserve the round's steps in the ledger (saved), then build the instructions.
+        """Reserve the round in the ledger (saved), then one ``train`` message per participant.
 
-        Raises:
-            accounting.BudgetExceededError: If the round would pass the target ε (nothing
-                is reserved or sent).
-
+        Returns nothing when the run is over (all rounds done or the budget reached).
         """
-        round_index = server_round - 1
-        chosen = round_participants(self.config, self.streams, round_index, self.client_ids)
-        events = {cid: (self._step_event(cid), self.config.local_steps) for cid in chosen}
-        token = self.guard.reserve_round(events, round_index=round_index)
-        self.ledger.save(self.ledger_path)
-        global_state = {k: torch.as_tensor(v) for k, v in arrays.to_torch_state_dict().items()}
-        self._round = {"token": token, "events": events, "global_state": global_state,
-                       "round_index": round_index}
+        del arrays, config, grid  # the protocol holds the global state
+        ticket = self.protocol.configure_round()
+        self._ticket = ticket
+        if ticket is None:
+            return []
         messages = []
-        for cid in chosen:
-            content = RecordDict({
-                "arrays": state_to_record(global_state),
-                "setup": self.setup.to_record(),
-                "round": ConfigRecord({"round": round_index, "client-id": cid,
-                                       "noise-multiplier": float(self.noise_multiplier),
-                                       "fingerprint": self.fingerprint, **dict(config)}),
-            })
+        for cid, instruction in ticket.instructions.items():
+            content = RecordDict({"setup": self.setup.to_record(),
+                                  **instruction_to_records(instruction, ticket.base)})
             messages.append(Message(content=content, dst_node_id=self.nodes[cid],
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
 
-    def _check_reply(self, reply: Message, cid: str) -> Any:
-        assert self._round is not None
-        update = records_to_update(reply.content)
-        if update.client_id != cid:
-            raise ConfigError(f"node {self.nodes[cid]} answered as {update.client_id!r}, it "
-                              f"holds {cid!r}")
-        expected_event = self._round["events"][cid][0].to_dict()
-        if json.dumps(update.event.to_dict(), sort_keys=True) != json.dumps(
-                expected_event, sort_keys=True):
-            raise ConfigError(f"client {cid!r} reports event {update.event.to_dict()}, the "
-                              f"ledger reserved {expected_event}")
-        validate_update(update, global_state=self._round["global_state"],
-                        fingerprint=self.fingerprint, expected_steps=self.config.local_steps)
-        return update
+    def _replies(self, replies: Iterable[Message]) -> dict[str, ClientReply]:
+        assert self._ticket is not None
+        by_node = {self.nodes[cid]: cid for cid in self._ticket.participants}
+        out: dict[str, ClientReply] = {}
+        for reply in replies:
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None or cid in out:
+                logger.warning("ignoring a reply from node %s, not a participant of this round "
+                               "(or a duplicate)", reply.metadata.src_node_id)
+                continue
+            if reply.has_error():
+                out[cid] = NoUpdate(f"error reply: {reply.error.reason}")
+                continue
+            try:
+                out[cid] = records_to_update(reply.content)
+            except FedSBError as exc:
+                out[cid] = NoUpdate(str(exc), malformed=True)
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, average them if the round stands, commit the reservation."""
-        if self._round is None or self._round["round_index"] != server_round - 1:
+        """Hand the replies to the protocol; return the new global state if it aggregated."""
+        ticket = self._ticket
+        if ticket is None or ticket.round_index != server_round - 1:
             raise FedSBError(f"aggregate_train({server_round}) without its configure_train")
-        chosen = list(self._round["events"])
-        by_node = {self.nodes[cid]: cid for cid in chosen}
-        outcome = RoundOutcome(round_index=server_round - 1, participants=chosen)
-        updates: dict[str, Any] = {}
-        for reply in replies:
-            cid = by_node.get(reply.metadata.src_node_id)
-            if cid is None or cid in updates or cid in outcome.rejected:
-                logger.warning("ignoring a reply from node %s, not a participant of round %d "
-                               "(or a duplicate)", reply.metadata.src_node_id, server_round)
-                continue
-            if reply.has_error():
-                outcome.dropped[cid] = f"error reply: {reply.error.reason}"
-                continue
-            try:
-                updates[cid] = self._check_reply(reply, cid)
-            except FedSBError as exc:
-                outcome.rejected[cid] = str(exc)
-                logger.error("round %d: rejected the reply of %s: %s", server_round, cid, exc)
-        for cid in chosen:
-            if cid not in updates and cid not in outcome.rejected:
-                outcome.dropped.setdefault(cid, "no reply before the round timeout")
-        for cid, reason in outcome.dropped.items():
-            logger.warning("round %d: %s dropped out (%s); its reserved steps stay charged",
-                           server_round, cid, reason)
-        outcome.valid = [cid for cid in chosen if cid in updates]
-        aggregated = None
-        if outcome.rejected:
-            logger.error("round %d is not aggregated: %d reply(ies) rejected", server_round,
-                         len(outcome.rejected))
-        elif len(outcome.valid) < self.config.min_clients:
-            logger.error("round %d is not aggregated: %d valid replies, min_clients=%d",
-                         server_round, len(outcome.valid), self.config.min_clients)
-        else:
-            aggregated = weighted_mean([updates[cid].state for cid in outcome.valid])
-            outcome.aggregated = True
-        # Instructions went out to every participant: their steps count either way.
-        self.guard.commit(self._round["token"])
-        self.ledger.save(self.ledger_path)
-        outcome.bytes_up = sum(payload_bytes(updates[cid].state) for cid in outcome.valid)
-        outcome.bytes_down = payload_bytes(self._round["global_state"]) * len(chosen)
-        self.last_outcome = outcome
-        self._round = None
+        outcome = self.protocol.aggregate_round(ticket, self._replies(replies))
+        self.last_outcome, self._ticket = outcome, None
         metrics = MetricRecord({"aggregated": int(outcome.aggregated),
                                 "valid": len(outcome.valid), "dropped": len(outcome.dropped),
                                 "rejected": len(outcome.rejected)})
-        return (state_to_record(aggregated) if aggregated is not None else None), metrics
+        arrays = (state_to_record(self.protocol.method.checkpoint_tensors(self.protocol.model))
+                  if outcome.aggregated else None)
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -213,47 +117,21 @@ class FedSBStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        """Log the strategy's settings."""
-        logger.info("FedSBStrategy: %d clients, %d rounds × %d local steps, σ=%.4g, "
-                    "min_clients=%d", len(self.client_ids), self.config.rounds,
-                    self.config.local_steps, self.noise_multiplier, self.config.min_clients)
+        """Log the run's plan."""
+        config = self.protocol.config
+        logger.info("ProtocolStrategy: %s, %d clients, %d rounds × %d local steps, σ=%.4g",
+                    config.method, len(self.nodes), config.rounds, config.local_steps,
+                    self.protocol.sigma)
 
-    def run_rounds(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        *,
-        timeout: float,
-        on_round: Callable[[RoundOutcome, ArrayRecord], None] | None = None,
-    ) -> tuple[ArrayRecord, str, str | None]:
-        """The round loop of :meth:`Strategy.start`, stopping cleanly at the budget.
-
-        Args:
-            grid: Flower's grid.
-            initial_arrays: R⁰ and the initial head.
-            timeout: Seconds to wait for a round's replies.
-            on_round: Called after every round with its outcome and the current R̄.
-
-        Returns:
-            The final arrays, the status (``"completed"`` or ``"stopped-budget"``) and a
-            message.
-
-        """
-        from accounting import BudgetExceededError
-
+    def run_rounds(self, grid: Grid, *, timeout: float) -> None:
+        """The round loop of :meth:`Strategy.start`, until the protocol says the run is over."""
         self.summary()
-        arrays = initial_arrays
-        for server_round in range(1, self.config.rounds + 1):
-            try:
-                messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
-            except BudgetExceededError as exc:
-                logger.warning("stopping before round %d: %s", server_round, exc)
-                return arrays, "stopped-budget", str(exc)
+        server_round = self.protocol.progress["completed_rounds"]
+        while not self.protocol.done:
+            server_round += 1
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(),
+                                                 grid))
+            if self._ticket is None:
+                break
             replies = grid.send_and_receive(messages, timeout=timeout)
-            new_arrays, _ = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            if on_round is not None:
-                assert self.last_outcome is not None
-                on_round(self.last_outcome, arrays)
-        return arrays, "completed", None
+            self.aggregate_train(server_round, replies)

@@ -9,6 +9,7 @@ and the same calibrated σ: σ depends only on (ε, δ, q, steps), never on the 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,12 +18,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedsb_dp.adapters.config import SBConfig
 from fedsb_dp.adapters.export import set_trainable_state
-from fedsb_dp.adapters.inject import mark_trainable
+from fedsb_dp.adapters.inject import frozen_fingerprint, mark_trainable, trainable_state
 from fedsb_dp.adapters.layer import SBLinear
 from fedsb_dp.adapters.lora import LoRALinear, lora_layers
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.server import weighted_mean
+from fedsb_dp.methods.mean import weighted_mean
+from fedsb_dp.methods.state import (
+    BASE_SUFFIX,
+    adapted_base_weights,
+    load_tensors,
+    lora_adapter_tensors,
+)
+
+LORA_ADAPTER = "lora_adapter.safetensors"
 
 
 @dataclass
@@ -86,6 +96,9 @@ class FederatedMethod(ABC):
     name: ClassVar[str]
     adapter: ClassVar[str]  # "lora-sb" or "lora"
     exact: ClassVar[bool]
+    # FedEx-LoRA and FLoRA change the frozen base weights every round: their checkpoints,
+    # adapters and client messages must carry those weights too.
+    folds_base: ClassVar[bool] = False
     description: ClassVar[str]
     # AdamW step size a run uses unless told otherwise; tuned per method under DP (the trained
     # parameters differ in kind and count), see docs/benchmarks.md.
@@ -153,6 +166,57 @@ class FederatedMethod(ABC):
         """Frozen adapter tensors every client must receive once, before round 1."""
         del model
         return {}
+
+    def base_updates(self, downlink: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layer → ΔW to fold into its base weight, decoded from a round's downlink.
+
+        The server folds exactly what a client decodes from the same tensors, so the two
+        models stay bit-identical (their fingerprints are compared every round).
+        """
+        del downlink
+        return {}
+
+    def shared_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Base weights this method changes, which a stateless client must receive."""
+        return adapted_base_weights(model) if self.folds_base else {}
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The global state after a round: trainable tensors, plus folded bases if any."""
+        tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
+        if self.folds_base:
+            tensors.update(adapted_base_weights(model))
+        return tensors
+
+    def restore(self, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`checkpoint_tensors` returned (all or nothing)."""
+        base = {k: v for k, v in tensors.items() if k.endswith(BASE_SUFFIX)}
+        load_tensors(model, base)
+        set_trainable_state(model, {k: v for k, v in tensors.items() if k not in base})
+
+    def save_adapter(self, model: nn.Module, directory: str, sb: SBConfig, *,
+                     base_model: str) -> None:
+        """Save every adapter tensor (frozen ones too) so a fresh base model can rebuild it."""
+        del sb
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = lora_adapter_tensors(model)
+        if self.folds_base:
+            tensors.update(adapted_base_weights(model))
+        path = os.path.join(directory, LORA_ADAPTER)
+        save_file(tensors, path + ".tmp",
+                  metadata={"method": self.name, "base_model": base_model,
+                            "frozen_fingerprint": frozen_fingerprint(model)})
+        os.replace(path + ".tmp", path)
+
+    def load_adapter(self, model: nn.Module, directory: str,
+                     targets: Mapping[str, nn.Linear]) -> None:
+        """Inject this method's adapter into a fresh base model and load a saved one."""
+        from safetensors.torch import load_file
+
+        # The saved tensors overwrite every drawn factor, so the generator does not matter.
+        self.inject(model, targets, generator=torch.Generator().manual_seed(0))
+        load_tensors(model, load_file(os.path.join(directory, LORA_ADAPTER)))
 
 
 def mean_of_products(states: Sequence[Mapping[str, torch.Tensor]], p: Sequence[float],

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from fedsb_dp.adapters.lora import lora_layers
-from fedsb_dp.federated.server import weighted_mean
 from fedsb_dp.methods.base import (
     Aggregate,
     mean_of_products,
@@ -22,6 +21,7 @@ from fedsb_dp.methods.base import (
     stacked_factors,
 )
 from fedsb_dp.methods.fedit import FedIT
+from fedsb_dp.methods.mean import weighted_mean
 
 
 class FedExLoRA(FedIT):
@@ -29,6 +29,7 @@ class FedExLoRA(FedIT):
 
     name = "fedex-lora"
     exact = True
+    folds_base = True
     description = "LoRA A, B averaged plus the residual mean(BᵢAᵢ) − B̄Ā folded into W0 (exact)"
 
     def aggregate(self, model: nn.Module, global_state: Mapping[str, torch.Tensor],
@@ -40,14 +41,13 @@ class FedExLoRA(FedIT):
         p = normalised_weights(len(states), weights)
         mean = weighted_mean(states, p)
         downlink = dict(mean)
-        base_updates, encodings = {}, {}
+        encodings = {}
         for name, layer in lora_layers(model).items():
             B_bar = mean[f"{name}.lora_B.weight"].double()
             A_bar = mean[f"{name}.lora_A.weight"].double()
             residual = mean_of_products(states, p, name, self.scaling) - self.scaling * (
                 B_bar @ A_bar)
             dtype = layer.base_layer.weight.dtype
-            base_updates[name] = residual.to(dtype)
             m, n = residual.shape
             stacked_rank = (len(states) + 1) * layer.rank
             if stacked_rank * (m + n) < m * n:
@@ -61,5 +61,17 @@ class FedExLoRA(FedIT):
                 downlink[f"{name}.residual"] = residual.to(dtype)
                 encodings[name] = "dense"
         kinds = sorted(set(encodings.values()))
-        return Aggregate(state=mean, base_updates=base_updates, downlink=downlink,
-                         details={"residual_encoding": ",".join(kinds)})
+        return Aggregate(state=mean, base_updates=self.base_updates(downlink),
+                         downlink=downlink, details={"residual_encoding": ",".join(kinds)})
+
+    def base_updates(self, downlink: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each layer's residual, dense or as the product of its sent factors."""
+        out = {}
+        for key, tensor in downlink.items():
+            if key.endswith(".residual"):
+                out[key.removesuffix(".residual")] = tensor
+            elif key.endswith(".residual_B"):
+                name = key.removesuffix(".residual_B")
+                A = downlink[f"{name}.residual_A"]
+                out[name] = (tensor.double() @ A.double()).to(tensor.dtype)
+        return out

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 
 from fedsb_dp.adapters.config import SBConfig
+from fedsb_dp.adapters.export import load_sb_adapter, save_sb_adapter
 from fedsb_dp.adapters.inject import inject_adapters, sb_layers
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.server import weighted_mean
 from fedsb_dp.methods.base import (
     SB_LEARNING_RATE,
     Aggregate,
     FederatedMethod,
     normalised_weights,
 )
+from fedsb_dp.methods.mean import weighted_mean
 
 
 class FedSB(FederatedMethod):
@@ -56,6 +57,17 @@ class FedSB(FederatedMethod):
             out[f"{name}.lora_sb_B"] = layer.lora_sb_B
             out[f"{name}.lora_sb_A"] = layer.lora_sb_A
         return out
+
+    def save_adapter(self, model: nn.Module, directory: str, sb: SBConfig, *,
+                     base_model: str) -> None:
+        """B, A, R and head in the LoRA-SB adapter format (:func:`save_sb_adapter`)."""
+        save_sb_adapter(model, directory, sb, base_model=base_model)
+
+    def load_adapter(self, model: nn.Module, directory: str,
+                     targets: Mapping[str, nn.Linear]) -> None:
+        """Inject the saved B, A and load R and the head."""
+        del targets
+        load_sb_adapter(model, directory)
 
     def aggregate(self, model: nn.Module, global_state: Mapping[str, torch.Tensor],
                   states: Sequence[Mapping[str, torch.Tensor]],

@@ -15,14 +15,13 @@ from torch import nn
 
 from fedsb_dp.adapters.lora import lora_init_A, lora_layers
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.server import weighted_mean
 from fedsb_dp.methods.base import (
     Aggregate,
-    mean_of_products,
     normalised_weights,
     stacked_factors,
 )
 from fedsb_dp.methods.fedit import FedIT
+from fedsb_dp.methods.mean import weighted_mean
 
 
 class FLoRA(FedIT):
@@ -30,6 +29,7 @@ class FLoRA(FedIT):
 
     name = "flora"
     exact = True
+    folds_base = True
     description = "LoRA factors stacked across clients and merged into W0 each round (exact)"
 
     def aggregate(self, model: nn.Module, global_state: Mapping[str, torch.Tensor],
@@ -42,7 +42,7 @@ class FLoRA(FedIT):
             raise ConfigError("FLoRA's aggregate needs a generator for the fresh adapters")
         p = normalised_weights(len(states), weights)
         mean = weighted_mean(states, p)
-        state, downlink, base_updates = {}, {}, {}
+        state, downlink = {}, {}
         layers = lora_layers(model)
         for key, tensor in mean.items():
             if ".lora_A." not in key and ".lora_B." not in key:
@@ -50,14 +50,20 @@ class FLoRA(FedIT):
                 downlink[key] = tensor
         for name, layer in layers.items():
             dtype = layer.base_layer.weight.dtype
-            # The clients' effective weights are W0 + s·BᵢAᵢ, so their mean is W0 plus this;
-            # the restarted adapters then contribute nothing until trained.
-            base_updates[name] = mean_of_products(states, p, name, self.scaling).to(dtype)
             B_stack, A_stack = stacked_factors(states, p, name, self.scaling)
             downlink[f"{name}.stack_B"] = B_stack.to(dtype)
             downlink[f"{name}.stack_A"] = A_stack.to(dtype)
             state[f"{name}.lora_A.weight"] = lora_init_A(
                 layer.rank, layer.lora_A.in_features, generator).to(dtype)
             state[f"{name}.lora_B.weight"] = torch.zeros_like(layer.lora_B.weight)
-        return Aggregate(state=state, base_updates=base_updates, downlink=downlink,
+        # The clients' effective weights are W0 + s·BᵢAᵢ, so their mean is W0 plus the
+        # product of the stacks; the restarted adapters contribute nothing until trained.
+        return Aggregate(state=state, base_updates=self.base_updates(downlink),
+                         downlink=downlink,
                          details={"restart": "fresh A from the public generator, B = 0"})
+
+    def base_updates(self, downlink: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each layer's Σ pᵢ s·BᵢAᵢ, as the product of the sent stacks."""
+        return {key.removesuffix(".stack_B"): (tensor.double() @ downlink[
+                    key.removesuffix("_B") + "_A"].double()).to(tensor.dtype)
+                for key, tensor in downlink.items() if key.endswith(".stack_B")}

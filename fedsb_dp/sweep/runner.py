@@ -66,7 +66,7 @@ def _run_cell(cell: Cell, base: dict, path: str, progress: bool,
 
     Module-level so a worker process can import and call it.
     """
-    from fedsb_dp.federated.engine import run_federation
+    from fedsb_dp.federated.inprocess import run_federation
 
     if threads is not None:  # inside a worker process
         import torch

@@ -1,0 +1,192 @@
+"""The in-process driver: every client in this process, one shared model, a loop over rounds.
+
+It builds the parts (:mod:`fedsb_dp.federated.setup`), hands them to the
+:class:`~fedsb_dp.federated.protocol.RoundProtocol` and carries each instruction to its
+:class:`~fedsb_dp.federated.client.DPClient`. All round logic is in the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from opacus import GradSampleModule
+
+from fedsb_dp.adapters import gradient_svd_init
+from fedsb_dp.adapters.export import export_peft_adapter, save_merged
+from fedsb_dp.errors import ConfigError, FedSBError
+from fedsb_dp.federated import run_dir as rd
+from fedsb_dp.federated.client import DPClient, train_instruction
+from fedsb_dp.federated.protocol import ClientReply, NoUpdate, Prepared, RoundProtocol
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.federated.setup import (
+    TASK,
+    Evaluator,
+    inject,
+    load_base_model,
+    load_data,
+    make_client,
+    make_method,
+    partition_frames,
+    targets_of,
+)
+from fedsb_dp.models import pooling_of
+from fedsb_dp.rng import RandomStreams
+
+logger = logging.getLogger(__name__)
+
+ENGINE = "inprocess"
+
+
+@dataclass
+class RunResult:
+    """Outcome of a run (also written to ``summary.json``).
+
+    Attributes:
+        run_dir: Where everything was written.
+        status: ``"completed"``, ``"stopped-budget"`` or ``"interrupted"``.
+        summary: The summary dictionary (ε recomputed from the saved ledger).
+
+    """
+
+    run_dir: str
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare(config: RunConfig, *, partition_seed: int,
+             ) -> tuple[Prepared, dict[str, DPClient], dict[str, Any]]:
+    """Data, partition, clients and model — everything that can fail before spending."""
+    data = load_data(config)
+    frames, partition = partition_frames(config, data, partition_seed=partition_seed)
+    loaded = load_base_model(config, num_labels=data.num_labels)
+    clients = {cid: make_client(cid, frame, config, loaded.tokenizer)
+               for cid, frame in frames.items()}
+    prepared = Prepared(model=loaded.model, tokenizer=loaded.tokenizer,
+                        resolved_path=loaded.resolved_path,
+                        sizes={cid: c.num_records for cid, c in clients.items()},
+                        evaluator=Evaluator.build(config, data, loaded.tokenizer))
+    return prepared, clients, partition
+
+
+def _initialiser(config: RunConfig, clients: dict[str, DPClient], streams: RandomStreams,
+                 init_seed: int) -> Any:
+    """A callable that injects the agreed adapters into the model.
+
+    A gradient-SVD init reads the clients' records; its events are in the saved ledger by the
+    time the protocol calls this.
+    """
+    method = make_method(config)
+
+    def initialise(model: Any) -> None:
+        factors = None
+        if config.init == "gradient-svd" and method.adapter == "lora-sb":
+            factors = _gradient_factors(config, clients, streams, model)
+        inject(config, method, model, init_seed=init_seed, factors=factors)
+    return initialise
+
+
+def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: RandomStreams,
+                      model: Any) -> dict[str, Any]:
+    """B, A, R⁰ from the clients' (clipped, noised) gradients."""
+    first = next(iter(clients.values()))
+    return gradient_svd_init(
+        model, targets_of(config, model), {cid: c.dataset for cid, c in clients.items()},
+        first.collate, task=TASK, rank=config.rank, source=config.init_source,
+        n_init=min(config.init_examples, min(c.num_records for c in clients.values())),
+        lr_eff=config.init_lr, max_grad_norm=config.init_clip_norm,
+        noise_multiplier=config.init_noise_multiplier,
+        generator=streams.torch("init-noise") if streams.seeded else None,
+        allow_nonprivate=config.allow_nonprivate_init,
+    ).factors
+
+
+def _start(config: RunConfig, *, check_export: bool,
+           ) -> tuple[RoundProtocol, dict[str, DPClient]]:
+    out = config.out or rd.default_run_dir()
+    config = RunConfig.from_dict({**config.to_dict(), "out": out})
+    rd.check_new_run_dir(out)  # fail fast, before loading anything
+    streams = RandomStreams(config.seed)
+    partition_seed = streams.integer("partition")
+    prepared, clients, partition = _prepare(config, partition_seed=partition_seed)
+    if check_export and pooling_of(prepared.model) == "mean":
+        raise ConfigError("--export-merged/--export-peft cannot express the mean pooler "
+                          "this model's classifier reads; add --pooling cls, or keep the "
+                          "saved adapter")
+    init_seed = streams.integer("init-factors")
+    protocol = RoundProtocol.create(
+        config, prepared, engine=ENGINE, partition_seed=partition_seed, init_seed=init_seed,
+        partition=partition, initialise=_initialiser(config, clients, streams, init_seed))
+    return protocol, clients
+
+
+def run_federation(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    export_merged: bool = False,
+    export_peft: bool = False,
+    progress: bool = True,
+    stop_after_rounds: int | None = None,
+) -> RunResult:
+    """Run (or resume) a private federated fine-tuning with any method (Fed-SB by default).
+
+    Args:
+        config: The settings (for ``resume``, ``config.out`` names the run to continue and
+            the saved settings are used).
+        resume: Continue the run in ``config.out`` from its last completed round.
+        export_merged: Also save a merged ``transformers`` model (Fed-SB only).
+        export_peft: Also save a PEFT LoRA adapter (Fed-SB only).
+        progress: Show progress bars.
+        stop_after_rounds: Stop (as if killed) after this many rounds in this call; for tests.
+
+    Returns:
+        Where the run is, how it ended, and its summary.
+
+    """
+    from tqdm.auto import tqdm
+
+    if (export_merged or export_peft) and config.method not in ("fedsb", "central-sb"):
+        raise ConfigError(f"--export-merged/--export-peft are implemented for Fed-SB runs, not "
+                          f"method={config.method!r}")
+    if resume:
+        saved, state = RoundProtocol.saved(config.out)
+        prepared, clients, _ = _prepare(saved, partition_seed=state["partition_seed"])
+        protocol = RoundProtocol.resume(config.out, prepared)
+    else:
+        protocol, clients = _start(config, check_export=export_merged or export_peft)
+    config = protocol.config
+    private_model = GradSampleModule(protocol.model, batch_first=True, loss_reduction="mean")
+    rounds_this_call = 0
+    try:
+        while not protocol.done:
+            if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds:
+                protocol.stop("interrupted", "stopped by the caller")
+                return RunResult(run_dir=config.out, status="interrupted")
+            ticket = protocol.configure_round()
+            if ticket is None:
+                break
+            replies: dict[str, ClientReply] = {}
+            for cid, instruction in ticket.instructions.items():
+                with tqdm(total=config.local_steps, disable=not progress, leave=False,
+                          desc=f"round {ticket.round_index + 1}/{config.rounds} {cid}") as bar:
+                    try:
+                        replies[cid] = train_instruction(
+                            clients[cid], private_model, instruction, protocol.streams,
+                            on_step=lambda _step, bar=bar: bar.update(1))
+                    except FedSBError as exc:
+                        replies[cid] = NoUpdate(f"client failed: {exc}")
+            protocol.aggregate_round(ticket, replies)
+            rounds_this_call += 1
+    finally:
+        private_model._close()
+    summary = protocol.finish()
+    if export_merged:
+        save_merged(protocol.model, os.path.join(config.out, "merged"),
+                    protocol.prepared.tokenizer)
+    if export_peft:
+        export_peft_adapter(protocol.model, os.path.join(config.out, "peft_adapter"),
+                            base_model=protocol.prepared.resolved_path)
+    return RunResult(run_dir=config.out, status=summary["status"], summary=summary)

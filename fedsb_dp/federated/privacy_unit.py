@@ -1,0 +1,214 @@
+"""What one round releases and how it is accounted, per privacy unit (record or client).
+
+The round protocol asks its unit who takes part, which events to reserve, with what noise
+clients train and how the server combines their replies, so the protocol itself has no branch
+on the DP level:
+
+* :class:`RecordLevelDP` (default): each client runs DP-SGD (Poisson batches, clip C, noise σ)
+  and is charged its steps; the server combines replies with the method's own aggregator.
+* :class:`ClientLevelDP`: clients train without noise; the server clips each update ΔRᵢ to S,
+  adds N(0, z²S²) to the sum and divides by the public expected cohort size; one round is one
+  Poisson-sampled Gaussian over the population of clients, charged to the key ``federation``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from accounting import FederatedPlan
+from accounting.events import (
+    DpEvent,
+    GaussianDpEvent,
+    NonPrivateDpEvent,
+    PoissonSampledDpEvent,
+)
+from fedsb_dp.federated.client import LocalTrainingConfig, sampling_probability
+from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.methods import Aggregate, FederatedMethod
+from fedsb_dp.rng import RandomStreams
+
+FEDERATION = "federation"  # the single ledger key of client-level accounting
+
+
+def local_config(config: RunConfig, noise_multiplier: float) -> LocalTrainingConfig:
+    """The clients' local DP-SGD settings of a run, with the given σ."""
+    return LocalTrainingConfig(
+        expected_batch_size=config.batch_size, local_steps=config.local_steps,
+        learning_rate=config.learning_rate, optimizer=config.optimizer,
+        max_grad_norm=config.max_grad_norm, noise_multiplier=noise_multiplier,
+        max_physical_batch_size=config.max_physical_batch_size,
+    )
+
+
+class PrivacyUnit(ABC):
+    """The DP level of a run (see the module docstring)."""
+
+    name: str
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def ledger_sizes(self, sizes: Mapping[str, int]) -> dict[str, int]:
+        """Ledger keys → the number of protected units each holds."""
+
+    @abstractmethod
+    def plan(self, sizes: Mapping[str, int], init_events: Mapping[str, DpEvent]) -> FederatedPlan:
+        """Everything the run will release, for calibrating σ once."""
+
+    @abstractmethod
+    def participants(self, streams: RandomStreams, round_index: int,
+                     client_ids: Sequence[str]) -> list[str]:
+        """Who trains in a round."""
+
+    @abstractmethod
+    def round_events(self, sigma: float, sizes: Mapping[str, int],
+                     participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
+        """The events a round releases (reserved before any instruction leaves the server)."""
+
+    @abstractmethod
+    def local_noise(self, sigma: float) -> float:
+        """σ the clients add in their local steps."""
+
+    @property
+    def min_valid_replies(self) -> int:
+        """Fewest valid replies with which a round is aggregated."""
+        return self.config.min_clients
+
+    @abstractmethod
+    def combine(self, method: FederatedMethod, model: torch.nn.Module,
+                global_state: Mapping[str, torch.Tensor],
+                states: Sequence[Mapping[str, torch.Tensor]], *, sigma: float,
+                streams: RandomStreams, round_index: int, num_clients: int) -> Aggregate:
+        """The server's aggregate of the valid replies."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the run summary says about this unit."""
+        return {"privacy_unit": self.name}
+
+
+class RecordLevelDP(PrivacyUnit):
+    """One record of one client: local DP-SGD, parallel composition over clients."""
+
+    name = "example"
+
+    def ledger_sizes(self, sizes: Mapping[str, int]) -> dict[str, int]:
+        """Each client's records."""
+        return dict(sizes)
+
+    def plan(self, sizes: Mapping[str, int], init_events: Mapping[str, DpEvent]) -> FederatedPlan:
+        """Every round × local steps of every client, plus its init event."""
+        return FederatedPlan(
+            sampling_probabilities={cid: sampling_probability(self.config.batch_size, n)
+                                    for cid, n in sizes.items()},
+            local_steps=self.config.local_steps, rounds=self.config.rounds,
+            init_events=dict(init_events))
+
+    def participants(self, streams: RandomStreams, round_index: int,
+                     client_ids: Sequence[str]) -> list[str]:
+        """All clients, or a seeded sample of ``participation``·n (no amplification claimed)."""
+        config = self.config
+        if config.participation >= 1.0:
+            return list(client_ids)
+        count = max(config.min_clients, round(config.participation * len(client_ids)))
+        chosen = streams.numpy("participation", round_index).choice(
+            len(client_ids), size=count, replace=False)
+        return [client_ids[i] for i in sorted(chosen)]
+
+    def round_events(self, sigma: float, sizes: Mapping[str, int],
+                     participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
+        """K Poisson-sampled Gaussian steps per participant (non-private: a NonPrivate event)."""
+        local = local_config(self.config, sigma)
+        return {cid: (local.step_event(sizes[cid]) if self.config.private
+                      else NonPrivateDpEvent(), self.config.local_steps)
+                for cid in participants}
+
+    def local_noise(self, sigma: float) -> float:
+        """The calibrated σ."""
+        return sigma
+
+    def combine(self, method: FederatedMethod, model: torch.nn.Module,
+                global_state: Mapping[str, torch.Tensor],
+                states: Sequence[Mapping[str, torch.Tensor]], *, sigma: float,
+                streams: RandomStreams, round_index: int, num_clients: int) -> Aggregate:
+        """The method's own aggregator (the replies are already noised)."""
+        del sigma, num_clients
+        return method.aggregate(model, global_state, states,
+                                generator=streams.torch("adapter-restart", round_index))
+
+
+class ClientLevelDP(PrivacyUnit):
+    """One whole client: noise-free local training, clipped and noised by the server.
+
+    The server is trusted with every raw ΔRᵢ. The amplification by Poisson cohort sampling
+    holds only if who took part stays secret, so a run publishes no cohort in its released
+    files.
+    """
+
+    name = "client"
+
+    def ledger_sizes(self, sizes: Mapping[str, int]) -> dict[str, int]:
+        """One key for the whole population of clients."""
+        return {FEDERATION: len(sizes)}
+
+    def plan(self, sizes: Mapping[str, int], init_events: Mapping[str, DpEvent]) -> FederatedPlan:
+        """One Poisson-sampled round per round (a client-level init would be refused earlier)."""
+        del sizes, init_events
+        return FederatedPlan(sampling_probabilities={FEDERATION: self.config.participation},
+                             local_steps=1, rounds=self.config.rounds)
+
+    def participants(self, streams: RandomStreams, round_index: int,
+                     client_ids: Sequence[str]) -> list[str]:
+        """Each client joins independently with probability ``participation`` (may be none)."""
+        return poisson_cohort(client_ids, self.config.participation,
+                              streams.torch("cohort", round_index))
+
+    def round_events(self, sigma: float, sizes: Mapping[str, int],
+                     participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
+        """One event for the federation, whoever was drawn."""
+        del sizes, participants
+        if not self.config.private:
+            return {FEDERATION: (NonPrivateDpEvent(), 1)}
+        gaussian = GaussianDpEvent(noise_multiplier=sigma)
+        if self.config.participation >= 1:
+            return {FEDERATION: (gaussian, 1)}
+        return {FEDERATION: (PoissonSampledDpEvent(
+            sampling_probability=self.config.participation, event=gaussian), 1)}
+
+    def local_noise(self, sigma: float) -> float:
+        """None: the server adds the noise."""
+        del sigma
+        return 0.0
+
+    @property
+    def min_valid_replies(self) -> int:
+        """Zero: an empty cohort still releases the server's noise, which is accounted."""
+        return 0
+
+    def combine(self, method: FederatedMethod, model: torch.nn.Module,
+                global_state: Mapping[str, torch.Tensor],
+                states: Sequence[Mapping[str, torch.Tensor]], *, sigma: float,
+                streams: RandomStreams, round_index: int, num_clients: int) -> Aggregate:
+        """R̄ + (Σ clip(ΔRᵢ, S) + N(0, z²S²)) / (p·n)."""
+        del method, model
+        state = clipped_noisy_mean(
+            global_state, states, clip_norm=self.config.client_clip_norm,
+            noise_multiplier=sigma, denominator=self.config.participation * num_clients,
+            generator=streams.torch("server-noise", round_index))
+        return Aggregate(state=state, downlink=dict(state))
+
+    def summary(self) -> dict[str, Any]:
+        """Adds who is trusted with what."""
+        return {"privacy_unit": self.name,
+                "trust_model": "the server sees every client's raw update and adds the noise; "
+                               "clients and the public see only noised aggregates"}
+
+
+def privacy_unit(config: RunConfig) -> PrivacyUnit:
+    """The unit object of a run's ``dp_level``."""
+    return ClientLevelDP(config) if config.dp_level == "client" else RecordLevelDP(config)

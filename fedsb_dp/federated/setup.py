@@ -1,0 +1,218 @@
+"""Building a run's parts, once for both drivers: data, partitions, clients, model, adapters.
+
+The in-process driver builds every client here; a Flower SuperNode builds only its own
+(:func:`node_client`) from the same seeded partition, and the Flower server builds only the
+model and the evaluator's split. Whatever is built, it is built by the same function, so the
+two drivers train the same clients on the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from accounting.events import GaussianDpEvent, NonPrivateDpEvent
+from fedsb_dp.adapters import (
+    SBConfig,
+    find_target_modules,
+    random_orthonormal_init,
+    w0_svd_init,
+)
+from fedsb_dp.data import (
+    TextClassificationData,
+    TokenizedDataset,
+    load_text_classification,
+    make_collate,
+)
+from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.client import DPClient
+from fedsb_dp.federated.evaluation import evaluate_classifier
+from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.methods import FederatedMethod, method_class
+from fedsb_dp.models import LoadedModel, load_model
+
+TASK = "sequence-classification"
+CENTRAL = "central"  # the single client of the centralised references
+
+
+def client_id(index: int) -> str:
+    """Ledger key of the client holding partition ``index``."""
+    return f"client-{index}"
+
+
+def client_ids(config: RunConfig) -> list[str]:
+    """Every client of the run, in stream-index order."""
+    if config.method_is_central:
+        return [CENTRAL]
+    return [client_id(i) for i in range(config.clients)]
+
+
+def load_data(config: RunConfig, path: str | None = None) -> TextClassificationData:
+    """The run's dataset (or a node's own file at ``path``) with the configured columns."""
+    return load_text_classification(
+        path or config.dataset, text_column=config.text_column,
+        text_pair_column=config.text_pair_column, label_column=config.label_column,
+        max_train_records=None if path else config.max_train_records,
+    )
+
+
+def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
+    """The pretrained model with a fresh head, dropout off unless asked for (no adapters)."""
+    loaded = load_model(config.model, task=TASK, num_labels=num_labels, pooling=config.pooling)
+    if not config.model_dropout:
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return loaded
+
+
+def sb_config(config: RunConfig) -> SBConfig:
+    """The LoRA-SB adapter settings of a run."""
+    return SBConfig(rank=config.rank, target_modules=config.targets,
+                    dropout=config.adapter_dropout, train_head=config.train_head,
+                    train_pooler=config.train_pooler)
+
+
+def make_method(config: RunConfig) -> FederatedMethod:
+    """The run's federated method."""
+    cls, _ = method_class(config.method)
+    scaling = 1.0 if cls.adapter == "lora-sb" else config.lora_scaling
+    return cls(rank=config.rank, scaling=scaling, dropout=config.adapter_dropout,
+               train_head=config.train_head, train_pooler=config.train_pooler)
+
+
+def targets_of(config: RunConfig, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The layers to adapt (checks the rank against every one of them)."""
+    sb = sb_config(config)
+    return find_target_modules(model, sb.resolved_targets(model.config.model_type),
+                               rank=config.rank)
+
+
+def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *,
+           init_seed: int, factors: dict[str, Any] | None = None) -> None:
+    """Inject the method's adapters with the agreed public start.
+
+    LoRA baselines draw A from ``init_seed``; Fed-SB takes ``factors`` (a data-dependent
+    init, computed by the driver) or derives them data-free: ``w0-svd`` from the pretrained
+    weights, ``random-orthonormal`` from ``init_seed``. Every node can repeat the data-free
+    cases bit for bit, which is how Flower clients agree on B and A without receiving them.
+    """
+    targets = targets_of(config, model)
+    if method.adapter == "lora":
+        method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed))
+        return
+    if factors is None:
+        if config.init == "w0-svd":
+            factors = w0_svd_init(targets, rank=config.rank).factors
+        elif config.init == "random-orthonormal":
+            factors = random_orthonormal_init(targets, rank=config.rank, seed=init_seed).factors
+        else:
+            raise ConfigError(f"init={config.init!r} reads client data: the driver must compute "
+                              "its factors")
+    method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed),
+                  factors=factors)
+
+
+def partition_frames(config: RunConfig, data: TextClassificationData, *,
+                     partition_seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Each client's training records (the seeded split) and the partition diagnostics."""
+    labels = data.train["label"].to_numpy()
+    if config.method_is_central:
+        parts = [np.arange(len(data.train))]
+    else:
+        # Non-IID splits must leave every client a full expected batch (q ≤ 1).
+        parts = partition_records(
+            labels, config.partition, num_clients=config.clients, seed=partition_seed,
+            min_records=1 if config.partition == "iid" else config.batch_size)
+    frames = client_frames(data.train, parts)
+    if config.method_is_central:
+        frames = {CENTRAL: frames[client_id(0)]}
+    report = dict(zip(frames, partition_report(labels, parts, data.label_names).values(),
+                      strict=True))
+    return frames, {
+        "spec": "pooled" if config.method_is_central else config.partition,
+        "seed": partition_seed, "clients": report,
+        # Exact counts of private labels: operator-side diagnostics of the simulation,
+        # never sent by a client (a Flower deployment has no such file).
+        "privacy": "not a DP release: exact per-client label counts; do not publish with "
+                   "the model"}
+
+
+def make_client(cid: str, frame: pd.DataFrame, config: RunConfig, tokenizer: Any) -> DPClient:
+    """A DP-SGD client over its tokenised records."""
+    dataset = TokenizedDataset(frame, tokenizer, max_length=config.max_length)
+    return DPClient(cid, dataset, make_collate(tokenizer), task=TASK)
+
+
+def node_client(config: RunConfig, *, partition_id: int, num_partitions: int,
+                partition_seed: int, label_names: tuple[str, ...], tokenizer: Any,
+                data_path: str | None = None) -> DPClient:
+    """The one client a Flower node holds: its own file, or its share of the seeded split.
+
+    Raises:
+        ConfigError: If the partition does not fit the federation or the labels differ.
+
+    """
+    if num_partitions != config.clients:
+        raise ConfigError(f"this node is one of num-partitions={num_partitions}, the run "
+                          f"has clients={config.clients}; they must be equal")
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id={partition_id} must be in [0, {num_partitions - 1}]")
+    data = load_data(config, data_path)
+    if tuple(data.label_names) != tuple(label_names):
+        raise ConfigError(f"this node's labels {list(data.label_names)} differ from the "
+                          f"federation's {list(label_names)}")
+    cid = client_id(partition_id)
+    if data_path:
+        frame = data.train
+    else:
+        frame = partition_frames(config, data, partition_seed=partition_seed)[0][cid]
+    return make_client(cid, frame, config, tokenizer)
+
+
+@dataclass
+class Evaluator:
+    """The evaluator's held-out splits (not client data: evaluating is not a release)."""
+
+    validation: TokenizedDataset
+    test: TokenizedDataset
+    collate: Any
+    num_labels: int
+    label_names: tuple[str, ...]
+
+    @classmethod
+    def build(cls, config: RunConfig, data: TextClassificationData,
+              tokenizer: Any) -> Evaluator:
+        """Tokenise the validation and test splits (capped by ``max_eval_records``)."""
+        validation, test = data.validation, data.test
+        if config.max_eval_records is not None:
+            validation = validation.head(config.max_eval_records)
+            test = test.head(config.max_eval_records)
+        return cls(validation=TokenizedDataset(validation, tokenizer,
+                                               max_length=config.max_length),
+                   test=TokenizedDataset(test, tokenizer, max_length=config.max_length),
+                   collate=make_collate(tokenizer), num_labels=data.num_labels,
+                   label_names=tuple(data.label_names))
+
+    def evaluate(self, model: torch.nn.Module, split: str = "validation") -> dict[str, Any]:
+        """Accuracy, macro-F1 and loss of ``model`` on a split."""
+        dataset = self.validation if split == "validation" else self.test
+        return evaluate_classifier(model, dataset, self.collate, num_labels=self.num_labels)
+
+
+def init_events(config: RunConfig, method: FederatedMethod,
+                sizes: dict[str, int]) -> dict[str, Any]:
+    """The init release each client is charged for (empty when the init reads no record)."""
+    if method.adapter != "lora-sb":
+        return {}  # LoRA baselines start from data-free random A and B = 0
+    if config.init != "gradient-svd" or config.init_source == "public":
+        return {}
+    if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
+        return {cid: NonPrivateDpEvent() for cid in sizes}
+    return {cid: GaussianDpEvent(noise_multiplier=config.init_noise_multiplier)
+            for cid in sizes}
