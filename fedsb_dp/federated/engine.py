@@ -65,6 +65,7 @@ from fedsb_dp.federated.client import (
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
 from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
+from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update
 from fedsb_dp.methods import FederatedMethod, method_class, set_active_rank, truncate_state
@@ -603,5 +604,9 @@ def run_federation(
         "seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
         "label_names": list(setup.label_names), "wall_time_s": time.time() - started,
     }
+    # Rounds charged but never completed (a crash inside a round): say so, and how to go on.
+    summary.update(uncommitted_rounds=uncommitted_rounds(ledger),
+                   message="; ".join(filter(None, [message, uncommitted_note(ledger, out)]))
+                   or None)
     rd.write_json_atomic(paths[rd.SUMMARY], summary)
     return RunResult(run_dir=out, status=status, summary=summary)
