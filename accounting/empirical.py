@@ -14,7 +14,8 @@ the scores by running the toolkit's DP-SGD step lives in :mod:`fedsb_dp.audit`.
   highest-scoring canaries and is right v times. Under (ε, δ)-DP the p-value of v is
   p = min(1, β + 2mδα) with q = e^ε/(1+e^ε), β = P[Bin(r, q) ≥ v] and
   α = max_{i=1..v} P[v−i ≤ Bin(r, q) < v]/i. The ε lower bound is the largest ε with p below the
-  significance level; over every threshold on the ROC frontier, with a Bonferroni correction.
+  significance level; over a family of guess counts r = 1, 2, 4, …, m fixed by m before the
+  scores are seen, with a Bonferroni correction by its size.
 """
 
 from __future__ import annotations
@@ -232,8 +233,9 @@ def roc_frontier(in_scores: np.typing.ArrayLike, out_scores: np.typing.ArrayLike
     """True and false positive counts at the thresholds on the ROC curve's concave frontier.
 
     A canary is guessed "in" when its score is ≥ the threshold. Thresholds that are (weakly)
-    dominated by mixing two others are dropped, so a Bonferroni correction counts only the
-    frontier.
+    dominated by mixing two others are dropped. jax_privacy's reference values correct over
+    this frontier; :func:`one_run_epsilon_from_scores` does not (the frontier is chosen from
+    the same scores), but the frontier is kept to reproduce those values.
 
     Returns:
         (true positives, false positives), one entry per frontier threshold.
@@ -266,7 +268,7 @@ class OneRunBound:
     """ε lower bound of a one-run audit.
 
     Attributes:
-        epsilon_lower: Largest ε rejected at ``significance`` (Bonferroni over the frontier).
+        epsilon_lower: Largest ε rejected at ``significance`` (Bonferroni over the family).
         ceiling: The bound a perfect attack would reach with the same canary counts and δ.
         guesses: r at the threshold that gave the bound.
         correct: v at that threshold.
@@ -274,7 +276,8 @@ class OneRunBound:
         n_in: Canaries that were included.
         delta: δ.
         significance: Overall test level.
-        thresholds_tested: Frontier size (the Bonferroni factor).
+        thresholds_tested: The Bonferroni factor: the size of the family of tests
+            (:func:`guess_counts`), fixed by m before any score is seen.
     """
 
     epsilon_lower: float
@@ -288,24 +291,78 @@ class OneRunBound:
     thresholds_tested: int
 
 
-def _one_run_best(in_scores: np.ndarray, out_scores: np.ndarray, delta: float,
-                  significance: float) -> tuple[float, int, int, int]:
-    tp, fp = roc_frontier(in_scores, out_scores)
-    m = int(in_scores.size + out_scores.size)
-    level = significance / len(tp)
-    guesses = tp + fp
+def best_one_run_epsilon(m: int, guesses: np.typing.ArrayLike, correct: np.typing.ArrayLike,
+                         *, delta: float, level: float) -> tuple[float, int, int]:
+    """The largest :func:`one_run_epsilon` over candidate guess counts, each at ``level``.
+
+    The caller chooses the family of candidates and the per-test level (its significance over
+    the family size).
+
+    Args:
+        m: Number of canaries.
+        guesses: r of each candidate.
+        correct: v of each candidate.
+        delta: δ of the claims tested.
+        level: Significance of each single test.
+
+    Returns:
+        (ε bound, r, v) of the best candidate; (0.0, 0, 0) when none rejects ε = 0.
+    """
+    r_all = np.asarray(guesses, dtype=np.int64).ravel()
+    v_all = np.asarray(correct, dtype=np.int64).ravel()
+    if r_all.shape != v_all.shape:
+        raise AccountingError(
+            f"guesses and correct differ in length: {r_all.size} vs {v_all.size}")
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(guesses > 0, tp / np.maximum(guesses, 1), 0.0)
+        precision = np.where(r_all > 0, v_all / np.maximum(r_all, 1), 0.0)
     best, best_r, best_v = 0.0, 0, 0
-    # Highest precision first: later thresholds are then mostly skipped without a search.
+    # Highest precision first, so that later candidates are mostly skipped without a search.
     for idx in np.argsort(-precision, kind="stable"):
-        r, v = int(guesses[idx]), int(tp[idx])
+        r, v = int(r_all[idx]), int(v_all[idx])
+        # v ≤ r·q(best) puts v at or below the median of Bin(r, q): β ≥ ½, nothing rejected.
         if r == 0 or v / r <= special.expit(best):
             continue
         eps = one_run_epsilon(m, r, v, delta=delta, significance=level, floor=best)
         if eps > best:
             best, best_r, best_v = eps, r, v
-    return best, best_r, best_v, len(tp)
+    return best, best_r, best_v
+
+
+def guess_counts(m: int) -> np.ndarray:
+    """The one-run audit's family of tests: "guess in for the r top scores", r = 1, 2, 4, …, m.
+
+    A doubling grid fixed by m alone, before any score is seen (⌊log₂ m⌋ + 1 or + 2 tests), so
+    a Bonferroni correction by its size is valid. Every one of the m + 1 thresholds would also
+    be a fixed family, but the p-value's δ term 2mδα (α ≥ 1/v) is not divided by the family
+    size, so a correction by m + 1 rejects nothing unless δ ≪ significance / (2m²).
+    """
+    if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1:
+        raise AccountingError(f"m={m!r} must be an integer ≥ 1")
+    counts = 1 << np.arange(int(m).bit_length(), dtype=np.int64)
+    return np.union1d(counts[counts < m], [m])
+
+
+def top_r_correct(in_scores: np.typing.ArrayLike, out_scores: np.typing.ArrayLike,
+                  guesses: np.typing.ArrayLike) -> np.ndarray:
+    """Correct guesses when guessing "in" for the r top scores, for each r in ``guesses``.
+
+    When the r-th score is tied, the tied canaries guessed "in" are counted as the excluded
+    ones first. That is never more than a tie-break independent of the membership would get,
+    so a test on it stays valid.
+    """
+    x1 = np.sort(np.asarray(in_scores, dtype=np.float64).ravel())
+    x0 = np.sort(np.asarray(out_scores, dtype=np.float64).ravel())
+    r = np.asarray(guesses, dtype=np.int64)
+    scores = np.sort(np.concatenate([x1, x0]))[::-1]
+    if r.size and not (r.min() >= 1 and r.max() <= scores.size):
+        raise AccountingError(f"guess counts must be in [1, m={scores.size}], got "
+                              f"{r.min()}..{r.max()}")
+    cut = scores[r - 1]
+    in_above = x1.size - np.searchsorted(x1, cut, side="right")
+    out_above = x0.size - np.searchsorted(x0, cut, side="right")
+    out_tied = np.searchsorted(x0, cut, side="right") - np.searchsorted(x0, cut, side="left")
+    from_tie = r - in_above - out_above  # guesses taken from the tied group
+    return in_above + np.maximum(0, from_tie - out_tied)
 
 
 def one_run_epsilon_from_scores(in_scores: np.typing.ArrayLike,
@@ -313,9 +370,13 @@ def one_run_epsilon_from_scores(in_scores: np.typing.ArrayLike,
                                 significance: float = 0.05) -> OneRunBound:
     """ε lower bound of a one-run audit from the scores of included and excluded canaries.
 
-    Every threshold on the ROC frontier is tried ("in" for scores ≥ threshold), each at level
-    ``significance / #frontier`` (Bonferroni), and the largest rejected ε is returned with the
-    ceiling: what perfectly separated scores with the same counts would give.
+    The family of tests is fixed by m alone, before any score is looked at
+    (:func:`guess_counts`: "guess in for the r top scores", r = 1, 2, 4, …, m). Each is tested
+    at ``significance / family size`` (Bonferroni), so the reported bound is the largest ε at
+    which the smallest p-value over the family, times the family size, is below
+    ``significance``. (Dividing by the size of the ROC frontier instead, which is chosen from
+    the same scores, is not a valid correction.) The ceiling is what a perfect attack (every
+    included canary ranked first) would reach with the same counts and family.
 
     Args:
         in_scores: Scores of the canaries that were included.
@@ -324,17 +385,25 @@ def one_run_epsilon_from_scores(in_scores: np.typing.ArrayLike,
         significance: Overall test level (0.05 for 95 % confidence).
 
     Returns:
-        The bound, its ceiling and the winning threshold's counts.
+        The bound, its ceiling and the winning test's counts.
     """
     if not 0 < delta <= 1:
         raise AccountingError(f"delta={delta!r} must be in (0, 1]")
     _check_open_unit("significance", significance)
     x1 = np.asarray(in_scores, dtype=np.float64).ravel()
     x0 = np.asarray(out_scores, dtype=np.float64).ravel()
-    eps, r, v, tested = _one_run_best(x1, x0, delta, significance)
-    ceiling = _one_run_best(np.ones(x1.size), np.zeros(x0.size), delta, significance)[0]
-    return OneRunBound(eps, ceiling, r, v, int(x1.size + x0.size), int(x1.size), delta,
-                       significance, tested)
+    if x1.size == 0 or x0.size == 0:
+        raise AccountingError(
+            f"need in- and out-scores, got {x1.size} in and {x0.size} out")
+    m = int(x1.size + x0.size)
+    family = guess_counts(m)
+    level = significance / family.size
+    eps, r, v = best_one_run_epsilon(m, family, top_r_correct(x1, x0, family), delta=delta,
+                                     level=level)
+    ceiling = best_one_run_epsilon(m, family, np.minimum(family, x1.size), delta=delta,
+                                   level=level)[0]
+    return OneRunBound(eps, ceiling, r, v, m, int(x1.size), delta, significance,
+                       int(family.size))
 
 
 # ------------------------------------------------------------------------------ group privacy

@@ -237,6 +237,14 @@ class PrivacyLedger:
         """Ids of reservations not yet committed."""
         return [p["reservation"] for p in self._body["pending"]]
 
+    @property
+    def pending_rounds(self) -> list[int | None]:
+        """Round indices of reservations not yet committed (0-based; ``None`` outside rounds).
+
+        Their releases may have happened although their round never completed.
+        """
+        return [p["round"] for p in self._body["pending"]]
+
     # ---------------------------------------------------------------- persistence
     def to_json_dict(self) -> dict[str, Any]:
         """The on-disk document (schema tag, hash, body)."""

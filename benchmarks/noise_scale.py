@@ -35,7 +35,7 @@ from fedsb_dp.adapters import find_target_modules, trainable_state, w0_svd_init
 from fedsb_dp.adapters.config import default_targets
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
-from fedsb_dp.federated.client import DPClient, LocalTrainingConfig, _poisson_indices
+from fedsb_dp.federated.client import DPClient, LocalTrainingConfig, poisson_indices
 from fedsb_dp.losses import example_losses
 from fedsb_dp.methods import effective_weights, method_class
 from fedsb_dp.models import load_model
@@ -66,7 +66,7 @@ def _step_nsr(model, dataset, collate, *, sigma, clip, batch_size, seed) -> floa
                             max_grad_norm=clip, expected_batch_size=batch_size,
                             loss_reduction="mean",
                             generator=torch.Generator().manual_seed(seed))
-    indices = _poisson_indices(len(dataset), batch_size / len(dataset),
+    indices = poisson_indices(len(dataset), batch_size / len(dataset),
                                torch.Generator().manual_seed(seed))
     batch = collate([dataset[int(i)] for i in indices])
     example_losses(gsm, batch, task=TASK).mean().backward()

@@ -184,3 +184,28 @@ def test_cli_audit_exit_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SEEDED" in out and "empirical step audit" in out
     assert main(["audit", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_refuses_an_empirical_audit_of_a_client_level_run(tmp_path, capsys):
+    # The step audit tests the record-level DP-SGD step; a client-level run's mechanism is
+    # the server's clip + noise on ΔR, so auditing "its σ" there would report on another step.
+    from accounting import PrivacyLedger
+    from accounting.events import GaussianDpEvent, PoissonSampledDpEvent
+    from fedsb_dp.cli import main
+
+    run_dir = make_run(tmp_path / "client-level")
+    ledger = PrivacyLedger(unit="client", dataset_sizes={"federation": 10}, target_epsilon=60.0,
+                           target_delta=1e-5,
+                           metadata={"dp_level": "client", "noise_multiplier": 1.0,
+                                     "max_grad_norm": 0.1, "client_clip_norm": 1.0,
+                                     "sampling": "poisson", "seed_mode": "os-entropy",
+                                     "noise_is_release": True})
+    ledger.record("federation", PoissonSampledDpEvent(1.0, GaussianDpEvent(1.0)), count=5,
+                  round_index=0)
+    os.remove(os.path.join(run_dir, "ledger.json"))  # save() refuses to rewrite a header
+    ledger.save(os.path.join(run_dir, "ledger.json"))
+    assert main(["audit", run_dir, "--empirical", "--draws", "2000"]) == 2
+    captured = capsys.readouterr()
+    assert "client-level run (ledger unit 'client'" in captured.err
+    assert "without --empirical" in captured.err
+    assert "empirical step audit" not in captured.out

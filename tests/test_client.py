@@ -20,7 +20,12 @@ from fedsb_dp.adapters import (
     trainable_state,
 )
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.client import DPClient, LocalTrainingConfig, sampling_probability
+from fedsb_dp.federated.client import (
+    DPClient,
+    LocalTrainingConfig,
+    poisson_indices,
+    sampling_probability,
+)
 from fedsb_dp.losses import example_losses
 
 TASK = "sequence-classification"
@@ -57,9 +62,8 @@ def test_step_equals_clipped_sum_over_expected_batch_size():
     client = DPClient("c", data, _collate, task=TASK)
     start = trainable_state(model)
     # Which records the Poisson draw picks with this generator (q = 8/16).
-    seed = next(s for s in range(100)
-                if (torch.rand(16, generator=_gen(s)) < 0.5).sum().item() not in (0, 8))
-    chosen = torch.nonzero(torch.rand(16, generator=_gen(seed)) < 0.5).flatten().tolist()
+    seed = next(s for s in range(100) if len(poisson_indices(16, 0.5, _gen(s))) not in (0, 8))
+    chosen = poisson_indices(16, 0.5, _gen(seed)).tolist()
     assert 0 < len(chosen) != 8, "realised size must differ from the expected size"
     update = client.train_round(GradSampleModule(model, loss_reduction="mean"), start, _local(),
                                 noise_generator=_gen(0), sampling_generator=_gen(seed))
@@ -100,6 +104,40 @@ def test_chunking_does_not_change_the_step():
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-5)
 
 
+def test_chunked_logical_step_draws_noise_once():
+    # σ > 0: a logical batch split into physical chunks of 3 must release exactly what the
+    # unchunked step releases, from the same noise generator state, and leave that generator
+    # where one noise draw per step leaves it. Noise per chunk would change both.
+    data = _Toy(16)
+    sizes = [len(poisson_indices(16, 0.5, g)) for g in [_gen(1)] for _ in range(2)]
+    assert min(sizes) > 3, f"both logical batches must span several chunks, got {sizes}"
+    results = []
+    for physical in (64, 3):
+        model = _adapted()
+        noise = _gen(7)
+        update = DPClient("c", data, _collate, task=TASK).train_round(
+            GradSampleModule(model, loss_reduction="mean"), trainable_state(model),
+            _local(max_physical_batch_size=physical, local_steps=2, noise_multiplier=1.0),
+            noise_generator=noise, sampling_generator=_gen(1))
+        results.append((update.state, noise.get_state()))
+    (whole, whole_noise), (chunked, chunked_noise) = results
+    assert torch.equal(whole_noise, chunked_noise), "chunking changed how much noise was drawn"
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], atol=1e-6, rtol=1e-5)
+
+
+def test_poisson_inclusion_is_drawn_and_compared_in_float64():
+    # The sampler's draws are float64 uniforms compared with q in float64: the same indices as
+    # that reference stream. float32 draws differ from it, and lose q near float32 rounding:
+    # 1 − 2⁻³⁰ rounds to 1 and 1e-50 to 0.
+    for q in (0.3, 2 ** -30, 1 - 2 ** -30, 1e-50):
+        reference = torch.rand(4096, generator=_gen(11), dtype=torch.float64)
+        expected = torch.nonzero(reference < q).flatten()
+        assert torch.equal(poisson_indices(4096, q, _gen(11)), expected)
+    assert torch.tensor(1 - 2 ** -30, dtype=torch.float32).item() == 1.0  # why it matters
+    assert torch.tensor(1e-50, dtype=torch.float32).item() == 0.0
+
+
 def test_empty_poisson_batches_still_step_and_release_noise():
     model = _adapted()
     data = _Toy(400)
@@ -108,7 +146,7 @@ def test_empty_poisson_batches_still_step_and_release_noise():
     # q = 1/400 with 3 steps: with this generator every batch is empty.
     def draws(seed):
         sampler = _gen(seed)
-        return [(torch.rand(400, generator=sampler) < 1 / 400).sum().item() for _ in range(3)]
+        return [len(poisson_indices(400, 1 / 400, sampler)) for _ in range(3)]
 
     seed = next(s for s in range(1000) if draws(s) == [0, 0, 0])
     update = client.train_round(

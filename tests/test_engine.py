@@ -76,6 +76,7 @@ def test_resume_after_interruption_between_rounds(tmp_path):
     ledger = PrivacyLedger.load(os.path.join(first.run_dir, "ledger.json"))
     assert set(_steps_per_client(ledger).values()) == {4}  # nothing re-spent, nothing lost
     assert resumed.summary["rounds_completed"] == 2
+    assert resumed.summary["uncommitted_rounds"] == [] and resumed.summary["message"] is None
 
 
 def test_crash_inside_round_keeps_the_charge_and_guard_stops(tmp_path, monkeypatch):
@@ -103,6 +104,14 @@ def test_crash_inside_round_keeps_the_charge_and_guard_stops(tmp_path, monkeypat
     assert resumed.summary["privacy"]["epsilon"] <= 3.0
     ledger = PrivacyLedger.load(os.path.join(config.out, "ledger.json"))
     assert set(_steps_per_client(ledger).values()) == {4}
+    # The summary says which round was charged without completing, and how to go on.
+    with open(os.path.join(config.out, "summary.json")) as fh:
+        saved = json.load(fh)
+    assert saved["uncommitted_rounds"] == resumed.summary["uncommitted_rounds"] == [2]
+    note = saved["message"]
+    assert "round(s) 2 were charged in the ledger but never completed" in note
+    assert "fedsb-dp run --config SETTINGS.toml --out NEW_DIR" in note
+    assert note.startswith("round 2 would take ε to")  # the guard's own reason comes first
 
 
 def test_non_private_run_reports_infinite_epsilon(tmp_path):

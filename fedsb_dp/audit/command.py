@@ -12,16 +12,22 @@ def audit_command(args: argparse.Namespace) -> int:
 
     The empirical part runs the step-level audit of the client's clip + noise step at the run's
     σ and clip norm (q = 1, 1e5 draws per world): it checks the code that produced the run,
-    not the run's records.
+    not the run's records. It audits the record-level step only, so it is refused for a
+    client-level run (whose mechanism is the server's clip of ΔRᵢ and noise on their sum).
 
     Returns:
         0 when every check passes, 1 otherwise (2 for unreadable input, via the caller).
+
+    Raises:
+        ConfigError: ``--empirical`` on a client-level run (before anything is printed).
     """
     import logging
 
     from accounting.audit import audit_sweep, is_run_dir
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # RDP order warnings at small σ
+    if args.empirical and is_run_dir(args.run_dir):
+        _refuse_client_level(args.run_dir)
     report = audit_sweep(args.run_dir)
     print(report.format())
     passed = report.passed
@@ -46,6 +52,26 @@ def audit_command(args: argparse.Namespace) -> int:
               f"{result.epsilon_claimed:.4f} at δ = {result.delta:g}")
         passed = passed and ok
     return 0 if passed else EXIT_FAILED
+
+
+def _refuse_client_level(run_dir: str) -> None:
+    """Raise when the run's privacy unit is a client: the step audit would test another step.
+
+    Client-level runs train without local noise; their clients' DP-SGD step has σ = 0 by design
+    and the run's σ is the server's multiplier z on the clipped sum of ΔRᵢ, so auditing the
+    record-level step at that σ would report on a mechanism the run never used.
+    """
+    from accounting.ledger import PrivacyLedger
+    from fedsb_dp.errors import ConfigError
+
+    ledger = PrivacyLedger.load(f"{run_dir}/ledger.json")
+    level = ledger.metadata.get("dp_level", ledger.unit)
+    if ledger.unit == "client" or level == "client":
+        raise ConfigError(
+            f"--empirical audits the record-level DP-SGD step, but {run_dir} is a client-level "
+            f"run (ledger unit {ledger.unit!r}, dp_level {level!r}) whose mechanism is the "
+            "server's clip of each ΔRᵢ and noise on their sum; run `fedsb-dp audit` without "
+            "--empirical (the re-accounting covers client-level ledgers)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

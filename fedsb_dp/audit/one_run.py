@@ -136,7 +136,7 @@ def one_run_audit(
         return torch.cat([p.detach().reshape(-1).double() for p in r_params])
 
     def canary_rows(_step: int) -> dict[nn.Parameter, torch.Tensor]:
-        chosen = included & (torch.rand(canaries, generator=sampler) < q)
+        chosen = included & (torch.rand(canaries, generator=sampler, dtype=torch.float64) < q)
         rows = (scale * directions[chosen]).float()
         out, offset = {}, 0
         for p in r_params:

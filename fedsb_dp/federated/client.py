@@ -141,8 +141,23 @@ def frozen_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _poisson_indices(num_records: int, q: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.nonzero(torch.rand(num_records, generator=generator) < q).flatten()
+def poisson_indices(num_records: int, q: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson sample: each of ``num_records`` records is in with probability q.
+
+    The uniforms are float64 and compared with q in float64. In float32 they lie on a 2⁻²⁴
+    grid and q is rounded to float32 (1 − 2⁻³⁰ becomes 1, 1e−50 becomes 0), so the realised
+    inclusion rate would differ from the q the accountant is charged with.
+
+    Args:
+        num_records: N, the client's record count.
+        q: Sampling probability in (0, 1].
+        generator: Source of the draws (the run's ``poisson`` stream).
+
+    Returns:
+        The sampled indices, ascending (possibly none).
+    """
+    uniforms = torch.rand(num_records, generator=generator, dtype=torch.float64)
+    return torch.nonzero(uniforms < q).flatten()
 
 
 def _append_rows(params: list[nn.Parameter],
@@ -260,7 +275,7 @@ class DPClient:
             q = sampling_probability(config.expected_batch_size, self.num_records)
             steps = 0
             for step in range(config.local_steps):
-                indices = _poisson_indices(self.num_records, q, sampling_generator)
+                indices = poisson_indices(self.num_records, q, sampling_generator)
                 chunks = list(torch.split(indices, config.max_physical_batch_size)) or [indices]
                 for position, chunk in enumerate(chunks):
                     if len(chunk) == 0:

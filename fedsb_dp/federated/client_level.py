@@ -18,12 +18,16 @@ from fedsb_dp.errors import ConfigError
 
 def poisson_cohort(client_ids: Sequence[str], probability: float,
                    generator: torch.Generator) -> list[str]:
-    """Each client joins independently with ``probability`` (may be empty)."""
+    """Each client joins independently with ``probability`` (may be empty).
+
+    Drawn and compared in float64, like the record sampler
+    (:func:`fedsb_dp.federated.client.poisson_indices`), so the rate is the accounted one.
+    """
     if not 0 < probability <= 1:
         raise ConfigError(f"participation={probability} must be in (0, 1]")
     if probability == 1:
         return list(client_ids)
-    draws = torch.rand(len(client_ids), generator=generator)
+    draws = torch.rand(len(client_ids), generator=generator, dtype=torch.float64)
     return [cid for cid, u in zip(client_ids, draws.tolist(), strict=True) if u < probability]
 
 

@@ -51,6 +51,7 @@ from fedsb_dp.errors import FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig, sampling_probability
 from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit
+from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update
 from fedsb_dp.federated.setup import (
@@ -558,9 +559,9 @@ class RoundProtocol:
             "label_names": list(self.prepared.evaluator.label_names),
             "wall_time_s": time.time() - self.started,
         }
-        if self.ledger.pending:
-            # A crash inside a round left its reservation: it counts as spent, and a resume
-            # ran that round again on top of it.
-            summary["uncommitted_reservations"] = len(self.ledger.pending)
+        # Rounds charged but never completed (a crash inside a round): say so, and how to go on.
+        summary.update(uncommitted_rounds=uncommitted_rounds(self.ledger),
+                       message="; ".join(filter(None, [self.message, uncommitted_note(
+                           self.ledger, self.out)])) or None)
         rd.write_json_atomic(self.path(rd.SUMMARY), summary)
         return summary

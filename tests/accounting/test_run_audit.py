@@ -23,15 +23,18 @@ from accounting import (
 )
 from accounting.audit import audit_run, audit_sweep, load_run
 from accounting.empirical import (
+    best_one_run_epsilon,
     fit_gdp,
     gaussian_group_epsilon,
     gdp_delta,
     gdp_epsilon,
     group_privacy,
+    guess_counts,
     one_run_epsilon,
     one_run_epsilon_from_scores,
     one_run_p_value,
     roc_frontier,
+    top_r_correct,
 )
 from accounting.errors import AccountingError
 
@@ -73,14 +76,72 @@ def _deterministic_normal(shift: float, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize(("shift", "expected"),
                          [(0, 0.0), (1, 1.13346), (2, 2.311945), (4, 4.395568)])
-def test_one_run_bound_matches_reference_values(shift, expected):
+def test_p_value_reproduces_the_frontier_reference_values(shift, expected):
     # REFERENCE §9 / jax_privacy's test: n = 10,000 each, δ = 1e-6, 95 %, Bonferroni over the
-    # ROC frontier.
+    # ROC frontier. That correction is not what the audit uses (the frontier is chosen from the
+    # scores), but recomputing it here pins one_run_p_value / one_run_epsilon to the reference.
+    inn, out = _deterministic_normal(shift, 10_000), _deterministic_normal(0, 10_000)
+    tp, fp = roc_frontier(inn, out)
+    eps, _, _ = best_one_run_epsilon(20_000, tp + fp, tp, delta=1e-6, level=0.05 / len(tp))
+    assert eps == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize(("shift", "expected", "r", "v"),
+                         [(0, 0.0, 0, 0), (1, 2.0516405, 512, 474), (2, 4.1105002, 1024, 1019),
+                          (4, 6.1376859, 4096, 4096)])
+def test_one_run_bound_on_the_reference_scores(shift, expected, r, v):
+    # The same scores with the fixed family r = 1, 2, 4, …, 16384, 20000 (16 tests). Fewer
+    # tests than the frontier's 140–386 points, so a higher per-test level: larger bounds.
     bound = one_run_epsilon_from_scores(_deterministic_normal(shift, 10_000),
                                         _deterministic_normal(0, 10_000), delta=1e-6)
-    assert bound.epsilon_lower == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert bound.epsilon_lower == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert (bound.guesses, bound.correct, bound.thresholds_tested) == (r, v, 16)
     assert bound.epsilon_lower <= bound.ceiling
     assert bound.m == 20_000 and bound.n_in == 10_000
+
+
+def _family_p_values(bound, inn, out, eps):
+    family = guess_counts(bound.m)
+    correct = top_r_correct(inn, out, family)
+    return np.array([one_run_p_value(bound.m, int(r), int(v), eps, bound.delta)
+                     for r, v in zip(family, correct, strict=True)])
+
+
+@pytest.mark.parametrize("scores", [
+    (np.ones(500), np.zeros(500)),  # 3-point frontier: dividing by it would be too optimistic
+    (_deterministic_normal(2, 2_000), _deterministic_normal(0, 2_000)),
+    (np.arange(300.0), np.arange(300.0) - 150.5),
+])
+def test_bound_is_the_largest_epsilon_rejected_by_the_fixed_family(scores):
+    # The definition, checked from outside: at ε_LB + η no test of the family fixed by m
+    # rejects after the Bonferroni factor |family|; at ε_LB − η one does. A correction by a
+    # score-dependent count (e.g. the ROC frontier's size) breaks one of the two.
+    inn, out = scores
+    bound = one_run_epsilon_from_scores(inn, out, delta=1e-5)
+    size = len(guess_counts(bound.m))
+    assert bound.thresholds_tested == size == int(np.log2(bound.m)) + 2
+    assert bound.epsilon_lower > 0.5
+    above = _family_p_values(bound, inn, out, bound.epsilon_lower + 1e-6)
+    below = _family_p_values(bound, inn, out, bound.epsilon_lower - 1e-6)
+    assert above.min() * size >= 0.05
+    assert below.min() * size < 0.05
+
+
+def test_family_does_not_depend_on_the_scores():
+    rng = np.random.default_rng(0)
+    many = one_run_epsilon_from_scores(rng.normal(1, 1, 512), rng.normal(0, 1, 512), delta=1e-5)
+    few = one_run_epsilon_from_scores(np.ones(512), np.zeros(512), delta=1e-5)
+    assert len(roc_frontier(np.ones(512), np.zeros(512))[0]) == 3
+    assert many.thresholds_tested == few.thresholds_tested == 11  # 1, 2, …, 512, 1024
+    assert list(guess_counts(1)) == [1] and list(guess_counts(3)) == [1, 2, 3]
+
+
+def test_ties_are_counted_against_the_auditor():
+    # Scores 2 (in) > 1, 1 (in) = 1 (out) > 0 (out): a guess taken from the tie at 1 is
+    # counted as the excluded canary first.
+    assert top_r_correct([1, 1, 2], [1, 0], [1, 2, 3, 4, 5]).tolist() == [1, 1, 2, 3, 3]
+    with pytest.raises(AccountingError, match=r"guess counts must be in \[1, m=5\]"):
+        top_r_correct([1, 1, 2], [1, 0], [0])
 
 
 def _naive_p_value(m, r, v, eps, delta):
@@ -118,7 +179,7 @@ def test_roc_frontier_drops_dominated_thresholds():
 def test_ceiling_bounds_a_perfect_attack():
     bound = one_run_epsilon_from_scores(np.ones(500), np.zeros(500), delta=1e-5)
     assert bound.epsilon_lower == pytest.approx(bound.ceiling)
-    assert 4.0 < bound.ceiling < 6.0  # ~log(r/3): a loose alarm, never "the privacy"
+    assert 3.0 < bound.ceiling < 5.0  # a loose alarm, never "the privacy"
 
 
 # ----------------------------------------------------------------------------- group privacy
