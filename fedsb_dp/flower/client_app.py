@@ -26,8 +26,10 @@ from fedsb_dp.adapters import frozen_fingerprint
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
 from fedsb_dp.federated.client import DPClient
 from fedsb_dp.federated.engine import _local_config
+from fedsb_dp.federated.node_policy import NodePrivacyPolicy
 from fedsb_dp.flower.common import (
     SetupInfo,
+    announced_plan,
     build_model,
     client_id,
     load_client,
@@ -97,6 +99,8 @@ def handle_train(message: Message, context: Context) -> Message:
     Raises:
         AdapterMismatchError: If the server's fingerprint differs from this node's factors.
         ConfigError: If the server addressed another client id or sent a malformed message.
+        NodeRefusalError: If the node's own policy refuses the plan or the round (nothing
+            is trained or charged; Flower sends the message back as an error reply).
 
     """
     content = message.content
@@ -112,8 +116,16 @@ def handle_train(message: Message, context: Context) -> Message:
             f"{client.client_id}: the server's factors {str(round_record['fingerprint'])[:16]}… "
             f"differ from this node's {fingerprint[:16]}…")
     round_index = int(round_record["round"])
-    sigma = float(round_record["noise-multiplier"])
-    local = _local_config(setup.config, sigma)
+    # The node owns its privacy: it checks the server's plan and σ against its own policy
+    # and reserves the round in its own ledger before a single record is touched.
+    _, _, data_path = _node_partition(context)
+    policy = NodePrivacyPolicy.from_node_config(
+        context.node_config, client_id=client.client_id, run_id=context.run_id,
+        data_path=data_path)
+    plan = announced_plan(setup, round_record)
+    reservation = policy.begin_round(plan, client_id=client.client_id,
+                                     num_records=client.num_records, round_index=round_index)
+    local = _local_config(setup.config, plan.noise_multiplier)
     # Same named streams and indices as the in-process engine, so a seeded run draws the
     # same batches and noise; unseeded, every stream comes from this node's OS entropy.
     streams = RandomStreams(setup.config.seed)
@@ -124,6 +136,7 @@ def handle_train(message: Message, context: Context) -> Message:
         sampling_generator=streams.torch("poisson", round_index, index),
         dropout_seed=streams.integer("dropout", round_index, index),
     )
+    policy.commit(reservation)
     return Message(RecordDict(update_to_records(update)), reply_to=message)
 
 

@@ -5,7 +5,7 @@ Wire format (every value a Flower record type, nothing pickled):
 * server → client, ``query`` (setup) and ``train``: ConfigRecord ``"setup"`` with the run's
   settings as canonical JSON (``run-config``), ``partition-seed``, ``init-seed`` and
   ``label-names``; ``train`` adds ConfigRecord ``"round"`` (``round``, ``noise-multiplier``,
-  ``fingerprint``, ``client-id``) and ArrayRecord ``"arrays"`` (R̄ and head).
+  ``target-delta``, ``fingerprint``, ``client-id``) and ArrayRecord ``"arrays"`` (R̄ and head).
 * client → server, ``query``: ConfigRecord ``"client"`` (``client-id``, ``num-records``,
   ``fingerprint``). Nᵢ is public in this project: it sets qᵢ = b/Nᵢ, which the server needs to
   calibrate σ, exactly as in the in-process engine.
@@ -16,6 +16,7 @@ Wire format (every value a Flower record type, nothing pickled):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from fedsb_dp.adapters import (
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import ClientUpdate, DPClient
+from fedsb_dp.federated.node_policy import AnnouncedPlan
 from fedsb_dp.federated.partition import client_frames, partition_records
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.models import LoadedModel, load_model
@@ -192,6 +194,24 @@ class SetupInfo:
         """Cache key of everything that determines the model and the client's data."""
         return json.dumps([run_config_json(self.config), self.partition_seed, self.init_seed,
                            list(self.label_names)])
+
+
+def announced_plan(setup: SetupInfo, round_record: Mapping[str, Any]) -> AnnouncedPlan:
+    """The plan a ``train`` message announces, as the node's policy checks it.
+
+    Raises:
+        ConfigError: If σ or δ is not a number.
+
+    """
+    try:
+        sigma = float(round_record["noise-multiplier"])
+        delta = round_record.get("target-delta")
+        delta = float(delta) if delta is not None else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed round record from the server: {exc!r}") from exc
+    digest = hashlib.sha256(setup.key().encode()).hexdigest()
+    return AnnouncedPlan.from_run_config(setup.config, noise_multiplier=sigma,
+                                         target_delta=delta, setup_digest=digest)
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

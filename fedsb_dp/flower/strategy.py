@@ -129,6 +129,7 @@ class FedSBStrategy(Strategy):
                 "setup": self.setup.to_record(),
                 "round": ConfigRecord({"round": round_index, "client-id": cid,
                                        "noise-multiplier": float(self.noise_multiplier),
+                                       "target-delta": float(self.guard.delta),
                                        "fingerprint": self.fingerprint, **dict(config)}),
             })
             messages.append(Message(content=content, dst_node_id=self.nodes[cid],
