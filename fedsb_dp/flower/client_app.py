@@ -3,7 +3,9 @@
 Each SuperNode is started with ``--node-config "partition-id=i num-partitions=N"`` (and,
 for real data holders, ``data-path=/path/to/own.csv``). On ``query`` the node reports its
 client id, Nᵢ and the fingerprint of the B, A it derived itself; on ``train`` it checks that
-the server agreed on the same fingerprint, runs
+the server agreed on the same fingerprint, lets its own
+:class:`~fedsb_dp.federated.node_policy.NodePrivacyPolicy` (policy keys in the node config)
+check the announced plan and σ and reserve the round in the node's own ledger, runs
 :meth:`~fedsb_dp.federated.client.DPClient.train_round` (Opacus DP-SGD over R and the head)
 from the received R̄ and sends back only its R, head and privacy events.
 
