@@ -14,12 +14,12 @@ pytest.importorskip("flwr")
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from test_flower_strategy import FakeGrid, _task_identity  # noqa: E402, F401
 
 from fedsb_dp.federated.inprocess import run_federation  # noqa: E402
 from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
 from fedsb_dp.flower.run_config import FlowerOptions  # noqa: E402
 from fedsb_dp.flower.server_app import run_server  # noqa: E402
-from test_flower_strategy import FakeGrid, _task_identity  # noqa: E402, F401
 
 TINY = dict(max_train_records=120, max_eval_records=16, clients=2, rounds=2, local_steps=1,
             batch_size=8, max_length=16, rank=4, seed=5, epsilon=8.0, accountant="rdp",

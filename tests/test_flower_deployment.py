@@ -139,7 +139,8 @@ def test_deployment_matches_in_process_engine(tmp_path, flower_env):
             node_port = _free_port()
             node, log = start(f"supernode-{i}", "flower-supernode", "--insecure",
                               "--superlink", f"127.0.0.1:{link_port}", "--node-config",
-                              f"partition-id={i} num-partitions={SETTINGS['clients']}",
+                              f"partition-id={i} num-partitions={SETTINGS['clients']} "
+                              f"ledger-path='{tmp_path / f'node-{i}.ledger.json'}'",
                               "--port", str(node_port))
             _wait_for_port(node_port, node, log)
         (home / "config.toml").write_text(
@@ -186,6 +187,12 @@ def test_deployment_matches_in_process_engine(tmp_path, flower_env):
                 "pending", "metadata"):
         assert flower_ledger[key] == engine_ledger[key], key
     assert summary["privacy"] == reference.summary["privacy"]  # ε, bounds, per client
+    # Each node kept its own ledger, charging exactly what the server charged it.
+    server_ledger = PrivacyLedger.load(str(out / "ledger.json"))
+    for i in range(SETTINGS["clients"]):
+        node = PrivacyLedger.load(str(tmp_path / f"node-{i}.ledger.json"))
+        assert node.clients == [f"client-{i}"] and node.pending == []
+        assert node.client_event(f"client-{i}") == server_ledger.client_event(f"client-{i}")
     assert summary["noise_multiplier"] == reference.summary["noise_multiplier"]
     assert summary["test_accuracy"] == reference.summary["test_accuracy"]
     flower_rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

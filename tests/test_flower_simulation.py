@@ -25,7 +25,8 @@ def test_cli_flower_simulation(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must be short
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1",
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_TMPDIR": ray_tmp, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+           "RAY_TMPDIR": ray_tmp, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "FEDSB_DP_NODE_DIR": str(tmp_path / "nodes")}
     try:
         run = subprocess.run(
             [str(BIN / "fedsb-dp"), "run", "--engine", "flower-sim", "--epsilon", "8",
@@ -44,3 +45,11 @@ def test_cli_flower_simulation(tmp_path):
     ledger = PrivacyLedger.load(str(out / "ledger.json"))
     assert {c: ledger.steps(c) for c in ledger.clients} == {"client-0": 1, "client-1": 1}
     assert 0 < summary["privacy"]["epsilon"] <= 8
+    # Every simulated node kept its own ledger, charging what the server charged it.
+    node_ledgers = sorted((tmp_path / "nodes").glob("run-*/client-*.ledger.json"))
+    assert [p.name for p in node_ledgers] == ["client-0.ledger.json", "client-1.ledger.json"]
+    for path in node_ledgers:
+        node = PrivacyLedger.load(str(path))
+        (cid,) = node.clients
+        assert node.steps(cid) == 1 and node.pending == []
+        assert node.client_event(cid) == ledger.client_event(cid)

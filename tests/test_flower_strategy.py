@@ -3,7 +3,9 @@ handling of clients that die or send bad replies (a fake in-process Grid)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -16,10 +18,11 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from accounting import PrivacyLedger  # noqa: E402
 from fedsb_dp.errors import ConfigError  # noqa: E402
 from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
-from fedsb_dp.flower import client_app  # noqa: E402
+from fedsb_dp.flower import client_app, server_app  # noqa: E402
 from fedsb_dp.flower.common import check_supported, records_to_update  # noqa: E402
 from fedsb_dp.flower.run_config import FlowerOptions, from_flower, to_flower  # noqa: E402
 from fedsb_dp.flower.server_app import run_server  # noqa: E402
+from fedsb_dp.flower.strategy import FedSBStrategy  # noqa: E402
 
 TINY = dict(max_train_records=120, max_eval_records=16, clients=2, rounds=3, local_steps=1,
             batch_size=8, max_length=16, rank=4, seed=11, epsilon=8.0, accountant="rdp",
@@ -65,10 +68,13 @@ class FakeGrid:
     """Delivers messages to in-process ClientApp handlers; ``faults`` maps
     (round, client index) → "raise" (the client dies) or a tampering function."""
 
-    def __init__(self, num_nodes: int, faults: dict | None = None) -> None:
+    def __init__(self, num_nodes: int, faults: dict | None = None, *,
+                 state_dir: str | None = None, node_config: dict | None = None) -> None:
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.faults = faults or {}
         self.sent: list[tuple[str, int]] = []
+        self.state_dir = state_dir
+        self.node_config = node_config or {}
 
     def get_node_ids(self):
         return list(self.node_ids)
@@ -82,7 +88,10 @@ class FakeGrid:
             self.sent.append((kind, index))
             context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
                               node_config={"partition-id": index,
-                                           "num-partitions": len(self.node_ids)})
+                                           "num-partitions": len(self.node_ids),
+                                           **({"node-state-dir": self.state_dir}
+                                              if self.state_dir else {}),
+                                           **self.node_config})
             if kind == "query":
                 replies.append(client_app.handle_query(message, context))
                 continue
@@ -91,7 +100,12 @@ class FakeGrid:
                 replies.append(Message(Error(code=1, reason="client crashed mid-round"),
                                        reply_to=message))
                 continue
-            reply = client_app.handle_train(message, context)
+            try:
+                reply = client_app.handle_train(message, context)
+            except Exception as exc:  # as Flower does: the exception becomes an error reply
+                replies.append(Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"),
+                                       reply_to=message))
+                continue
             replies.append(fault(reply) if fault else reply)
         return replies
 
@@ -103,7 +117,7 @@ def _wrong_steps(reply: Message) -> Message:
 
 def _run(tmp_path, name, faults, **overrides):
     config = RunConfig(**{**TINY, **overrides, "out": str(tmp_path / name)})
-    grid = FakeGrid(config.clients, faults)
+    grid = FakeGrid(config.clients, faults, state_dir=str(tmp_path / f"{name}-nodes"))
     summary = run_server(grid, config, FlowerOptions(round_timeout=60, node_wait_timeout=5))
     out = str(tmp_path / name)
     ledger = PrivacyLedger.load(os.path.join(out, "ledger.json"))
@@ -166,3 +180,82 @@ def test_the_flower_app_config_is_the_default_run():
     assert config == RunConfig(epsilon=config.epsilon)
     assert options == FlowerOptions(round_timeout=app["round-timeout"],
                                     node_wait_timeout=app["node-wait-timeout"])
+
+
+# ---------------------------------------------------------------- nodes own their privacy
+class HalfSigmaStrategy(FedSBStrategy):
+    """A server that announces the plan but sends σ/2 to every node."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            record = message.content.config_records["round"]
+            record["noise-multiplier"] = float(record["noise-multiplier"]) / 2
+        return messages
+
+
+class ExtraRoundStrategy(FedSBStrategy):
+    """A server that announces ``rounds`` to the nodes and runs one round more."""
+
+    ledger_dir = None  # where the test's nodes keep their ledgers
+    node_ledgers: dict[str, bytes] = {}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.config = dataclasses.replace(self.config, rounds=self.config.rounds + 1)
+        self.guard.target_epsilon = math.inf  # and ignores its own budget guard
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if server_round == self.config.rounds:  # the nodes' ledgers before the extra round
+            for path in self.ledger_dir.glob("run-1/*.ledger.json"):
+                ExtraRoundStrategy.node_ledgers[path.name] = path.read_bytes()
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def _node_ledger(tmp_path, name, cid):
+    return PrivacyLedger.load(str(tmp_path / f"{name}-nodes" / "run-1" / f"{cid}.ledger.json"))
+
+
+def test_nodes_refuse_half_the_calibrated_sigma(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_app, "FedSBStrategy", HalfSigmaStrategy)
+    summary, ledger, metrics, _ = _run(tmp_path, "half", {}, rounds=1)
+    assert not metrics[0]["aggregated"] and summary["rounds_failed"] == [1]
+    for cid in ("client-0", "client-1"):
+        reason = metrics[0]["dropped"][cid]
+        assert "NodeRefusalError" in reason and "refuses noise multiplier" in reason, reason
+        assert f"needs σ ≥ {summary['noise_multiplier']:.6g}" in reason
+    # Nothing trained, nothing charged or pinned on the nodes; the server stays charged.
+    assert not (tmp_path / "half-nodes").exists()
+    assert {c: ledger.steps(c) for c in ledger.clients} == {"client-0": 1, "client-1": 1}
+
+
+def test_nodes_refuse_an_extra_round_and_keep_their_own_ledgers(tmp_path, monkeypatch):
+    monkeypatch.setattr(ExtraRoundStrategy, "ledger_dir", tmp_path / "extra-nodes")
+    monkeypatch.setattr(ExtraRoundStrategy, "node_ledgers", {})
+    monkeypatch.setattr(server_app, "FedSBStrategy", ExtraRoundStrategy)
+    summary, ledger, metrics, _ = _run(tmp_path, "extra", {}, rounds=1)
+    assert [m["aggregated"] for m in metrics] == [True, False]
+    for cid in ("client-0", "client-1"):
+        assert "refuses round 2: the plan has rounds 1..1" in metrics[1]["dropped"][cid]
+        node = _node_ledger(tmp_path, "extra", cid)
+        # The node charged exactly its honest round, with the server's own event ...
+        assert node.steps(cid) == 1 and node.pending == []
+        server_entries = [e for e in ledger.to_json_dict()["body"]["entries"]
+                          if e["client"] == cid]
+        node_entries = node.to_json_dict()["body"]["entries"]
+        assert [e["event"] for e in node_entries] == [server_entries[0]["event"]]
+        assert node.metadata["noise_multiplier"] == summary["noise_multiplier"]
+        # ... and the refused round left its ledger byte for byte as it was.
+        path = tmp_path / "extra-nodes" / "run-1" / f"{cid}.ledger.json"
+        assert path.read_bytes() == ExtraRoundStrategy.node_ledgers[path.name]
+    # The server charged both rounds it sent (it cannot know what the nodes did).
+    assert {c: ledger.steps(c) for c in ledger.clients} == {"client-0": 2, "client-1": 2}
+
+
+def test_a_node_with_a_stricter_epsilon_refuses_the_federations_sigma(tmp_path):
+    config = RunConfig(**{**TINY, "rounds": 1, "out": str(tmp_path / "strict-eps")})
+    grid = FakeGrid(config.clients, state_dir=str(tmp_path / "nodes"),
+                    node_config={"target-epsilon": 2.0})
+    run_server(grid, config, FlowerOptions(round_timeout=60, node_wait_timeout=5))
+    metrics = [json.loads(x) for x in open(tmp_path / "strict-eps" / "metrics.jsonl")]
+    assert "for ε=2" in metrics[0]["dropped"]["client-0"]

@@ -3,9 +3,11 @@
 Each SuperNode is started with ``--node-config "partition-id=i num-partitions=N"`` (and,
 for real data holders, ``data-path=/path/to/own.csv``). On ``query`` the node reports its
 client id, Nᵢ and the fingerprint of the B, A it derived itself; on ``train`` it checks that
-the server agreed on the same fingerprint, runs
-:meth:`~fedsb_dp.federated.client.DPClient.train_round` (Opacus DP-SGD over R and the head)
-from the received R̄ and sends back only its R, head and privacy events.
+the server agreed on the same fingerprint, lets its own
+:class:`~fedsb_dp.federated.node_policy.NodePrivacyPolicy` (policy keys in the node config)
+check the announced plan and σ and reserve the round in the node's own ledger, carries out
+the protocol's instruction with :func:`~fedsb_dp.federated.client.train_instruction` (Opacus
+DP-SGD over R and the head) and sends back only its R, head and privacy events.
 
 The model and the client's data are cached per process, keyed by everything that defines
 them, because the simulation engine keeps ClientApp processes alive between messages (the
@@ -25,9 +27,13 @@ from opacus import GradSampleModule
 from fedsb_dp.adapters import frozen_fingerprint
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
 from fedsb_dp.federated.client import DPClient, train_instruction
+from fedsb_dp.federated.node_policy import NodePrivacyPolicy, NodeRefusalError, NodeReservation
+from fedsb_dp.federated.privacy_unit import local_config
+from fedsb_dp.federated.protocol import Instruction
 from fedsb_dp.federated.setup import client_id, node_client
 from fedsb_dp.flower.common import (
     SetupInfo,
+    announced_plan,
     build_model,
     load_base,
     records_to_instruction,
@@ -112,11 +118,48 @@ def handle_train(message: Message, context: Context) -> Message:
         raise AdapterMismatchError(
             f"{client.client_id}: the server's frozen tensors {instruction.fingerprint[:16]}… "
             f"differ from this node's {fingerprint[:16]}…")
+    reservation = _admit(setup, instruction, content, context, client)
     # The run's named streams at this client's index: a seeded run draws what the in-process
     # engine draws; unseeded, every stream comes from this node's OS entropy.
     update = train_instruction(client, private_model, instruction,
                                RandomStreams(setup.config.seed))
+    if reservation is not None:
+        NodePrivacyPolicy.commit(reservation)
     return Message(RecordDict(update_to_records(update)), reply_to=message)
+
+
+def _admit(setup: SetupInfo, instruction: Instruction, content: Any, context: Context,
+           client: DPClient) -> NodeReservation | None:
+    """The node's own privacy check of an instruction, before a record is touched.
+
+    Record level: the node's :class:`NodePrivacyPolicy` recomputes σ for the announced plan
+    on its own Nᵢ, refuses anything weaker, and reserves the round in the node's own ledger.
+    Client level: the node trains without noise and the server sees its raw update, which
+    it accepts only when its operator opted in (node config ``accept-client-level=true``).
+
+    Raises:
+        NodeRefusalError: Nothing is trained or charged; Flower returns an error reply.
+
+    """
+    if setup.config.dp_level == "client":
+        if str(context.node_config.get("accept-client-level", "")).lower() not in (
+                "true", "1", "yes"):
+            raise NodeRefusalError(
+                f"{client.client_id} refuses client-level DP: the server would see its raw "
+                "update; start the node with node config accept-client-level=true to trust it")
+        return None
+    _, _, data_path = _node_partition(context)
+    policy = NodePrivacyPolicy.from_node_config(
+        context.node_config, client_id=client.client_id, run_id=context.run_id,
+        data_path=data_path)
+    plan = announced_plan(setup, content.config_records["round"])
+    expected = local_config(setup.config, plan.noise_multiplier)
+    if instruction.local != expected:
+        raise NodeRefusalError(f"{client.client_id} refuses local settings {instruction.local}: "
+                               f"the announced plan implies {expected}")
+    return policy.begin_round(plan, client_id=client.client_id,
+                              num_records=client.num_records,
+                              round_index=instruction.round_index)
 
 
 app = ClientApp()

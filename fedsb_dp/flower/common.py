@@ -20,6 +20,7 @@ Wire format (every value a Flower record type, nothing pickled):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from accounting import event_from_dict
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig
+from fedsb_dp.federated.node_policy import AnnouncedPlan
 from fedsb_dp.federated.protocol import Instruction
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.setup import (
@@ -113,6 +115,24 @@ class SetupInfo:
                            list(self.label_names)])
 
 
+def announced_plan(setup: SetupInfo, round_record: Mapping[str, Any]) -> AnnouncedPlan:
+    """The plan a ``train`` message announces, as the node's policy checks it.
+
+    Raises:
+        ConfigError: If σ or δ is not a number.
+
+    """
+    try:
+        sigma = float(round_record["noise-multiplier"])
+        delta = round_record.get("target-delta")
+        delta = float(delta) if delta is not None else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed round record from the server: {exc!r}") from exc
+    digest = hashlib.sha256(setup.key().encode()).hexdigest()
+    return AnnouncedPlan.from_run_config(setup.config, noise_multiplier=sigma,
+                                         target_delta=delta, setup_digest=digest)
+
+
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Trainable tensors → ArrayRecord (values and dtypes are kept exactly)."""
     return ArrayRecord({k: v.detach().contiguous() for k, v in state.items()})
@@ -163,8 +183,8 @@ _LOCAL_FIELDS = ("expected_batch_size", "local_steps", "learning_rate", "optimiz
                  "max_grad_norm", "noise_multiplier", "max_physical_batch_size", "weight_decay")
 
 
-def instruction_to_records(instruction: Instruction,
-                           base: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def instruction_to_records(instruction: Instruction, base: Mapping[str, torch.Tensor], *,
+                           target_delta: float) -> dict[str, Any]:
     """A ``train`` message's records: the instruction and any folded base weights.
 
     FedEx-LoRA and FLoRA fold updates into the base weights; sending those weights keeps a
@@ -178,7 +198,10 @@ def instruction_to_records(instruction: Instruction,
                                "client-id": instruction.client_id,
                                "stream-index": instruction.stream_index,
                                "rank": -1 if instruction.rank is None else instruction.rank,
-                               "fingerprint": instruction.fingerprint, **local}),
+                               "fingerprint": instruction.fingerprint,
+                               # The plan a node checks: its σ and the δ it was calibrated at.
+                               "noise-multiplier": float(instruction.local.noise_multiplier),
+                               "target-delta": float(target_delta), **local}),
     }
     if base:
         records["base"] = state_to_record(base)

@@ -67,7 +67,8 @@ class ProtocolStrategy(Strategy):
         messages = []
         for cid, instruction in ticket.instructions.items():
             content = RecordDict({"setup": self.setup.to_record(),
-                                  **instruction_to_records(instruction, ticket.base)})
+                                  **instruction_to_records(instruction, ticket.base,
+                                                         target_delta=self.protocol.delta)})
             messages.append(Message(content=content, dst_node_id=self.nodes[cid],
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
         return messages
