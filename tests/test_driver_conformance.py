@@ -55,7 +55,10 @@ def test_inprocess_and_flower_drivers_agree(tmp_path, case):
     config = RunConfig(**{**TINY, **CASES[case], "out": str(tmp_path / "inprocess")})
     local = run_federation(config, progress=False)
     flower_config = RunConfig.from_dict({**config.to_dict(), "out": str(tmp_path / "flower")})
-    grid = FakeGrid(config.clients)
+    # Each node keeps its own ledger; a client-level node must opt in to trusting the server.
+    grid = FakeGrid(config.clients, state_dir=str(tmp_path / "nodes"),
+                    node_config={"accept-client-level": "true"}
+                    if config.dp_level == "client" else None)
     remote = run_server(grid, flower_config, FlowerOptions(round_timeout=60,
                                                            node_wait_timeout=5))
     assert local.status == remote["status"] == "completed"
@@ -72,6 +75,18 @@ def test_inprocess_and_flower_drivers_agree(tmp_path, case):
     local_ledger = json.loads(open(os.path.join(local.run_dir, "ledger.json")).read())
     remote_ledger = json.loads(open(os.path.join(flower_config.out, "ledger.json")).read())
     assert _strip(local_ledger) == _strip(remote_ledger)
+
+
+@pytest.mark.slow
+def test_a_client_level_run_needs_the_nodes_consent(tmp_path):
+    config = RunConfig(**{**TINY, **CASES["client-level"], "rounds": 1,
+                          "out": str(tmp_path / "flower")})
+    summary = run_server(FakeGrid(config.clients, state_dir=str(tmp_path / "nodes")), config,
+                         FlowerOptions(round_timeout=60, node_wait_timeout=5))
+    # Both nodes refused; the round's noise-only release is still charged and aggregated.
+    rows = _metrics(config.out)
+    assert all("refuses client-level DP" in why for why in rows[0]["dropped"].values())
+    assert rows[0]["valid"] == [] and summary["rounds_completed"] == 1
 
 
 def _strip(document: dict) -> str:

@@ -22,7 +22,7 @@ from fedsb_dp.flower import client_app, server_app  # noqa: E402
 from fedsb_dp.flower.common import check_supported, records_to_update  # noqa: E402
 from fedsb_dp.flower.run_config import FlowerOptions, from_flower, to_flower  # noqa: E402
 from fedsb_dp.flower.server_app import run_server  # noqa: E402
-from fedsb_dp.flower.strategy import FedSBStrategy  # noqa: E402
+from fedsb_dp.flower.strategy import ProtocolStrategy  # noqa: E402
 
 TINY = dict(max_train_records=120, max_eval_records=16, clients=2, rounds=3, local_steps=1,
             batch_size=8, max_length=16, rank=4, seed=11, epsilon=8.0, accountant="rdp",
@@ -183,18 +183,19 @@ def test_the_flower_app_config_is_the_default_run():
 
 
 # ---------------------------------------------------------------- nodes own their privacy
-class HalfSigmaStrategy(FedSBStrategy):
+class HalfSigmaStrategy(ProtocolStrategy):
     """A server that announces the plan but sends σ/2 to every node."""
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
             record = message.content.config_records["round"]
-            record["noise-multiplier"] = float(record["noise-multiplier"]) / 2
+            for key in ("noise-multiplier", "local-noise-multiplier"):
+                record[key] = float(record[key]) / 2
         return messages
 
 
-class ExtraRoundStrategy(FedSBStrategy):
+class ExtraRoundStrategy(ProtocolStrategy):
     """A server that announces ``rounds`` to the nodes and runs one round more."""
 
     ledger_dir = None  # where the test's nodes keep their ledgers
@@ -202,11 +203,12 @@ class ExtraRoundStrategy(FedSBStrategy):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.config = dataclasses.replace(self.config, rounds=self.config.rounds + 1)
-        self.guard.target_epsilon = math.inf  # and ignores its own budget guard
+        protocol = self.protocol
+        protocol.config = dataclasses.replace(protocol.config, rounds=protocol.config.rounds + 1)
+        protocol.guard.target_epsilon = math.inf  # and ignores its own budget guard
 
     def configure_train(self, server_round, arrays, config, grid):
-        if server_round == self.config.rounds:  # the nodes' ledgers before the extra round
+        if server_round == self.protocol.config.rounds:  # the nodes' ledgers before the extra round
             for path in self.ledger_dir.glob("run-1/*.ledger.json"):
                 ExtraRoundStrategy.node_ledgers[path.name] = path.read_bytes()
         return super().configure_train(server_round, arrays, config, grid)
@@ -217,7 +219,7 @@ def _node_ledger(tmp_path, name, cid):
 
 
 def test_nodes_refuse_half_the_calibrated_sigma(tmp_path, monkeypatch):
-    monkeypatch.setattr(server_app, "FedSBStrategy", HalfSigmaStrategy)
+    monkeypatch.setattr(server_app, "ProtocolStrategy", HalfSigmaStrategy)
     summary, ledger, metrics, _ = _run(tmp_path, "half", {}, rounds=1)
     assert not metrics[0]["aggregated"] and summary["rounds_failed"] == [1]
     for cid in ("client-0", "client-1"):
@@ -232,7 +234,7 @@ def test_nodes_refuse_half_the_calibrated_sigma(tmp_path, monkeypatch):
 def test_nodes_refuse_an_extra_round_and_keep_their_own_ledgers(tmp_path, monkeypatch):
     monkeypatch.setattr(ExtraRoundStrategy, "ledger_dir", tmp_path / "extra-nodes")
     monkeypatch.setattr(ExtraRoundStrategy, "node_ledgers", {})
-    monkeypatch.setattr(server_app, "FedSBStrategy", ExtraRoundStrategy)
+    monkeypatch.setattr(server_app, "ProtocolStrategy", ExtraRoundStrategy)
     summary, ledger, metrics, _ = _run(tmp_path, "extra", {}, rounds=1)
     assert [m["aggregated"] for m in metrics] == [True, False]
     for cid in ("client-0", "client-1"):
