@@ -64,6 +64,15 @@ from fedsb_dp.federated.client import (
 )
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
 from fedsb_dp.federated.evaluation import evaluate_classifier
+from fedsb_dp.federated.initialisation import (
+    PublicInitData,
+    init_datasets,
+    init_events,
+    init_generators,
+    init_record,
+    load_public_init_data,
+    uses_public_data,
+)
 from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update
@@ -116,6 +125,7 @@ class _Setup:
     num_labels: int
     label_names: tuple[str, ...]
     partition: dict[str, Any]
+    public_init: PublicInitData | None = None
 
 
 def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
@@ -159,6 +169,10 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
                                             max_length=config.max_length), collate, task=TASK)
         for cid, frame in frames.items()
     }
+    # Read before anything is spent, so a bad --init-data fails first.
+    public_init = (load_public_init_data(config, label_names=data.label_names,
+                                         tokenizer=loaded.tokenizer)
+                   if uses_public_data(config) else None)
     validation, test = data.validation, data.test
     if config.max_eval_records is not None:
         validation = validation.head(config.max_eval_records)
@@ -175,6 +189,7 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
                    # simulation, never sent by a client (the Flower path has no such file).
                    "privacy": "not a DP release: exact per-client label counts; do not "
                               "publish with the model"},
+        public_init=public_init,
     )
 
 
@@ -191,16 +206,9 @@ def _method(config: RunConfig) -> FederatedMethod:
                train_head=config.train_head, train_pooler=config.train_pooler)
 
 
-def _init_events(config: RunConfig, client_ids: list[str]) -> dict[str, Any]:
+def _init_events(config: RunConfig, setup: _Setup) -> dict[str, Any]:
     """The init release each client is charged for (empty when the init reads no record)."""
-    if method_class(config.method)[0].adapter != "lora-sb":
-        return {}  # LoRA baselines start from data-free random A and B = 0
-    if config.init != "gradient-svd" or config.init_source == "public":
-        return {}
-    if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
-        return {cid: NonPrivateDpEvent() for cid in client_ids}
-    return {cid: GaussianDpEvent(noise_multiplier=config.init_noise_multiplier)
-            for cid in client_ids}
+    return init_events(config, {cid: c.num_records for cid, c in setup.clients.items()})
 
 
 def round_participants(config: RunConfig, streams: RandomStreams, round_index: int,
@@ -233,7 +241,7 @@ def _plan(config: RunConfig, setup: _Setup) -> FederatedPlan:
         },
         local_steps=config.local_steps,
         rounds=config.rounds,
-        init_events=_init_events(config, list(setup.clients)),
+        init_events=_init_events(config, setup),
     )
 
 
@@ -253,16 +261,19 @@ def _initialise(setup: _Setup, sb: SBConfig, method: FederatedMethod, ledger: Pr
         result = random_orthonormal_init(targets, rank=config.rank,
                                          seed=setup.streams.integer("init-factors"))
     else:
-        for cid, event in _init_events(config, list(setup.clients)).items():
+        for cid, event in _init_events(config, setup).items():
             ledger.record(cid, event, count=1, kind="init")
         ledger.save(ledger_path)
+        sampling, noise = init_generators(setup.streams, list(setup.clients))
         result = gradient_svd_init(
-            model, targets, {cid: c.dataset for cid, c in setup.clients.items()},
+            model, targets,
+            init_datasets(config, {cid: c.dataset for cid, c in setup.clients.items()},
+                          setup.public_init),
             setup.collate, task=TASK, rank=config.rank, source=config.init_source,
-            n_init=min(config.init_examples, min(c.num_records for c in setup.clients.values())),
+            n_init=config.init_examples,
             lr_eff=config.init_lr, max_grad_norm=config.init_clip_norm,
             noise_multiplier=config.init_noise_multiplier,
-            generator=setup.streams.torch("init-noise") if setup.streams.seeded else None,
+            sampling_generators=sampling, noise_generators=noise,
             allow_nonprivate=config.allow_nonprivate_init,
         )
     inject_adapters(model, result.factors, sb)
@@ -440,6 +451,7 @@ def run_federation(
                       "sampling": "poisson", "noise_multiplier": sigma,
                       "max_grad_norm": config.max_grad_norm, "method": config.method,
                       "dp_level": config.dp_level,
+                      "init": init_record(config, setup.public_init),
                       **({"client_clip_norm": config.client_clip_norm} if client_level else {})},
         )
         ledger.save(paths[rd.LEDGER])
