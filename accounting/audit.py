@@ -200,6 +200,25 @@ def _atom_kinds(event: Any) -> tuple[set[str], set[float], set[float]]:
     return kinds, sigmas, rates
 
 
+def _step_parameters(ledger: PrivacyLedger, client_id: str
+                     ) -> tuple[set[str], set[float], set[float]]:
+    """Atom kinds, σs and qs of the client's DP-SGD step releases (entries and reservations)."""
+    body = ledger.to_json_dict()["body"]
+    events = [e["event"] for e in body["entries"]
+              if e["client"] == client_id and e["kind"] == "dp-sgd"]
+    events += [item["releases"][client_id]["event"] for item in body["pending"]
+               if item["kind"] == "dp-sgd" and client_id in item["releases"]]
+    kinds: set[str] = set()
+    sigmas: set[float] = set()
+    rates: set[float] = set()
+    for event in events:
+        k, s, r = _atom_kinds(event_from_dict(event))
+        kinds |= k
+        sigmas |= s
+        rates |= r
+    return kinds, sigmas, rates
+
+
 def _client_rows(ledger: PrivacyLedger, claimed: dict[str, float], planned: dict[str, int],
                  eps_error: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
     rows = []
@@ -219,7 +238,8 @@ def _client_rows(ledger: PrivacyLedger, claimed: dict[str, float], planned: dict
                 "pld": pld.epsilon, "rdp": rdp.epsilon,
                 "prv_fallback": prv.fallback_reason, "non_private": prv.non_private,
             }
-        kinds, sigmas, rates = _atom_kinds(event)
+        # q and σ of the training steps only: an init release has its own rate (n_init/N_i).
+        _, sigmas, rates = _step_parameters(ledger, cid)
         rows.append({
             "client": cid, "records": ledger.dataset_sizes[cid], "steps": ledger.steps(cid),
             "planned_steps": planned.get(cid),
