@@ -40,7 +40,7 @@ def test_run_config_round_trip_and_errors():
 
 @pytest.mark.parametrize("change, match", [
     ({"dp_level": "client"}, "record-level"),
-    ({"init": "gradient-svd", "init_source": "public"}, "data-free"),
+    ({"init": "gradient-svd", "init_source": "public", "init_data": "public.csv"}, "data-free"),
     ({"method": "fedit"}, "'fedsb' only"),
 ])
 def test_unsupported_settings_are_refused(change, match):
