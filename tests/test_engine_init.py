@@ -47,12 +47,13 @@ def test_init_events_use_each_clients_own_rate():
     assert init_events(RunConfig(epsilon=3.0), {"client-0": 100}) == {}  # W0-SVD: data-free
 
 
-def test_q_init_above_one_fails_before_spending(tmp_path):
+@pytest.mark.parametrize("privacy", [{}, {"epsilon": None, "no_dp": True}])
+def test_q_init_above_one_fails_before_spending(tmp_path, privacy):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"init_examples=64 exceeds the 40 records of "
                                           r"client-\d.*--init-examples"):
         engine.run_federation(RunConfig(**{**SMALL, **DP_INIT, "init_examples": 64,
-                                           "out": str(out)}), progress=False)
+                                           "out": str(out), **privacy}), progress=False)
     assert not out.exists()
 
 

@@ -173,6 +173,8 @@ def _prepare(config: RunConfig, *, partition_seed: int) -> _Setup:
     public_init = (load_public_init_data(config, label_names=data.label_names,
                                          tokenizer=loaded.tokenizer)
                    if uses_public_data(config) else None)
+    # q_init = n_init / N_i ≤ 1 for every client, checked here for private and no-DP runs alike.
+    init_events(config, {cid: c.num_records for cid, c in clients.items()})
     validation, test = data.validation, data.test
     if config.max_eval_records is not None:
         validation = validation.head(config.max_eval_records)
