@@ -6,7 +6,10 @@
 recomputes every client's ε with the PRV bounds, PLD and RDP, checks
 PRV_lower ≤ PLD ≤ PRV_upper ≤ RDP, compares with the ε the run claimed, and flags releases that
 void or weaken the guarantee: non-private events (ε = ∞), δ ≥ 1/N, seeded (reproducible) noise,
-non-Poisson sampling, and clients charged a different number of steps than planned.
+non-Poisson sampling, clients charged a different number of steps than planned, and an
+initialisation whose ledger charge does not match what the config says it read (a
+data-dependent gradient-SVD init must be charged ``PoissonSampled(n_init/N_i, Gaussian(σ_init))``
+per client; a ``public`` one must name its public data).
 
 The result is an :class:`AuditReport` (checks, per-client ε table, plain-language verdict).
 """
@@ -24,6 +27,7 @@ from accounting.accountants import compute_epsilon
 from accounting.errors import AccountingError, LedgerIntegrityError
 from accounting.events import (
     GaussianDpEvent,
+    NonPrivateDpEvent,
     PoissonSampledDpEvent,
     event_from_dict,
     flatten,
@@ -196,6 +200,25 @@ def _atom_kinds(event: Any) -> tuple[set[str], set[float], set[float]]:
     return kinds, sigmas, rates
 
 
+def _step_parameters(ledger: PrivacyLedger, client_id: str
+                     ) -> tuple[set[str], set[float], set[float]]:
+    """Atom kinds, σs and qs of the client's DP-SGD step releases (entries and reservations)."""
+    body = ledger.to_json_dict()["body"]
+    events = [e["event"] for e in body["entries"]
+              if e["client"] == client_id and e["kind"] == "dp-sgd"]
+    events += [item["releases"][client_id]["event"] for item in body["pending"]
+               if item["kind"] == "dp-sgd" and client_id in item["releases"]]
+    kinds: set[str] = set()
+    sigmas: set[float] = set()
+    rates: set[float] = set()
+    for event in events:
+        k, s, r = _atom_kinds(event_from_dict(event))
+        kinds |= k
+        sigmas |= s
+        rates |= r
+    return kinds, sigmas, rates
+
+
 def _client_rows(ledger: PrivacyLedger, claimed: dict[str, float], planned: dict[str, int],
                  eps_error: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
     rows = []
@@ -215,7 +238,8 @@ def _client_rows(ledger: PrivacyLedger, claimed: dict[str, float], planned: dict
                 "pld": pld.epsilon, "rdp": rdp.epsilon,
                 "prv_fallback": prv.fallback_reason, "non_private": prv.non_private,
             }
-        kinds, sigmas, rates = _atom_kinds(event)
+        # q and σ of the training steps only: an init release has its own rate (n_init/N_i).
+        _, sigmas, rates = _step_parameters(ledger, cid)
         rows.append({
             "client": cid, "records": ledger.dataset_sizes[cid], "steps": ledger.steps(cid),
             "planned_steps": planned.get(cid),
@@ -321,6 +345,7 @@ def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
                    "charged ≠ planned (steps, planned): " + ", ".join(
                        f"{c} {s}≠{p}" for c, (s, p) in off.items())))
     checks.extend(_event_checks(run, ledger, rows))
+    checks.append(_init_check(run, ledger))
     checks.append(_invariant_check(rows))
     checks.extend(_claim_checks(ledger, privacy, rows, federation))
     return _finish(path, checks, table, federation)
@@ -386,6 +411,89 @@ def _event_checks(run: RunDirectory, ledger: PrivacyLedger,
             problems.append(f"{row['client']} q {row['q']:.6g} ≠ b/N = {batch}/{row['records']}")
     return [("step events match the run", not problems,
              "σ and q = b/N_i as configured" if not problems else "; ".join(problems))]
+
+
+def _init_releases(ledger: PrivacyLedger) -> dict[str, list[tuple[Any, int]]]:
+    """Client id → the init releases charged to it (entries and reservations)."""
+    body = ledger.to_json_dict()["body"]
+    out: dict[str, list[tuple[Any, int]]] = {cid: [] for cid in ledger.clients}
+    for entry in body["entries"]:
+        if entry["kind"] == "init":
+            out[entry["client"]].append((event_from_dict(entry["event"]), entry["count"]))
+    for item in body["pending"]:
+        if item["kind"] == "init":
+            for cid, release in item["releases"].items():
+                out[cid].append((event_from_dict(release["event"]), release["count"]))
+    return out
+
+
+def _describe(releases: list[tuple[Any, int]]) -> str:
+    if not releases:
+        return "no init charge"
+    return ", ".join(f"{count}× {event!r}" for event, count in releases)
+
+
+def _dp_init_problem(cid: str, releases: list[tuple[Any, int]], *, rate: float,
+                     sigma: float) -> str | None:
+    """Why one client's charge is not the DP init's SGM(n_init/N_i, σ_init), or None."""
+    if len(releases) == 1 and releases[0][1] == 1:
+        event = releases[0][0]
+        if (isinstance(event, PoissonSampledDpEvent)
+                and isinstance(event.event, GaussianDpEvent)
+                and math.isclose(event.sampling_probability, rate, rel_tol=1e-9)
+                and math.isclose(event.event.noise_multiplier, sigma, rel_tol=1e-9)):
+            return None
+    if any(isinstance(e, GaussianDpEvent) for e, _ in releases):
+        return (f"{cid}: OLD unsampled charge {_describe(releases)}: that init summed the "
+                "first n_init records, whose sensitivity is 2·C_init, not the C_init charged — "
+                "ε is understated; re-run with today's sampled DP init")
+    if not releases or all(type(e).__name__ == "NoOpDpEvent" for e, _ in releases):
+        return (f"{cid}: a data-dependent init (gradient-svd, source dp) with {_describe(releases)}"
+                f"; expected 1× PoissonSampled(q={rate:.6g}, Gaussian(σ={sigma:g}))")
+    return (f"{cid}: init charged {_describe(releases)}; expected 1× "
+            f"PoissonSampled(q=n_init/N_i={rate:.6g}, Gaussian(σ_init={sigma:g}))")
+
+
+def _init_check(run: RunDirectory, ledger: PrivacyLedger) -> Check:
+    """The config's initialisation against the ledger's init events."""
+    name = "init matches the ledger"
+    settings = run.settings
+    init = settings.get("init", "w0-svd")
+    if init != "gradient-svd":
+        return (name, True, f"init={init!r} reads no record")
+    source = settings.get("init_source", "dp")
+    releases = _init_releases(ledger)
+    if source == "public":
+        data = settings.get("init_data")
+        reference = (ledger.metadata.get("init") or {}).get("data") or {}
+        if not data:
+            return (name, False,
+                    "init_source='public' without an --init-data reference: the code that wrote "
+                    "this run computed the 'public' init from the clients' own records and "
+                    "charged nothing — those records have ε = ∞ for the init")
+        if reference.get("source") != data or not reference.get("records_sha256"):
+            return (name, False, f"init_data={data!r} but the ledger keeps no matching "
+                                 f"reference with a digest ({reference or 'none'})")
+        return (name, True, f"public init data {data!r} (records sha256 "
+                            f"{reference['records_sha256'][:12]}…), no client charged")
+    if ledger.unit != "example":
+        return (name, False, f"gradient-svd init with source {source!r} reads client records "
+                             f"(a record-level release) in a {ledger.unit}-level run")
+    sigma = settings.get("init_noise_multiplier")
+    if source == "nonprivate" or sigma == 0:
+        bad = [cid for cid, r in releases.items()
+               if not any(isinstance(e, NonPrivateDpEvent) for e, _ in r)]
+        return (name, not bad, "non-private init charged as NonPrivate (ε = ∞) to every client"
+                if not bad else f"non-private init not charged as NonPrivate to {bad}")
+    examples = settings.get("init_examples")
+    if not isinstance(examples, int) or sigma is None:
+        return (name, False, "config lacks init_examples or init_noise_multiplier for the DP "
+                             "init")
+    problems = [p for cid in ledger.clients if (p := _dp_init_problem(
+        cid, releases[cid], rate=examples / ledger.dataset_sizes[cid], sigma=float(sigma)))]
+    return (name, not problems,
+            f"every client charged PoissonSampled(q = {examples}/N_i, Gaussian(σ_init = "
+            f"{sigma:g})) once" if not problems else "; ".join(problems))
 
 
 def _invariant_check(rows: list[dict[str, Any]]) -> Check:

@@ -7,7 +7,8 @@ place when seeds are added), so read them against the main grid's seed spread (F
 at ε = 3: three seeds in privacy_utility.toml):
 
 - initialisation under DP: W0-SVD (default, reads no record), random orthonormal, DP
-  gradient-SVD at two budget shares (σ_init = 8: the default; σ_init = 4: a larger share), and
+  gradient-SVD (each client Poisson-samples its init records at 64/N_i) at two budget shares
+  (σ_init = 8: the default; σ_init = 4: a larger share), and
   the non-private gradient-SVD only as an ε = ∞ reference next to W0-SVD at ε = ∞;
 - extreme ranks r = 1, 2, 4 and 8 (16, 32 and 64 are in the main grid);
 - 30 clients (same total records, so each holds 340–341; batch 16);
@@ -29,7 +30,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from accounting import GaussianDpEvent, compute_epsilon
+from accounting import PrivacyLedger, compute_epsilon
+from accounting.events import ComposedDpEvent, event_from_dict
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.sweep import SweepSpec, run_sweep
 from fedsb_dp.sweep.results import collect_results
@@ -87,15 +89,25 @@ VARIANTS: tuple[Variant, ...] = (
 
 
 def init_epsilon(run_dir: str) -> float | None:
-    """ε of the run's init release alone (a Gaussian mechanism per client), or None."""
+    """ε of the run's init release alone (the worst client's init events in its ledger), or None.
+
+    Read from the ledger rather than rebuilt from the config, so a cell is judged by the
+    charge it actually carries (an old cell's unsampled Gaussian, today's Poisson-sampled one).
+    """
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as fh:
         config = json.load(fh)["config"]
     if config["no_dp"] or config["init"] != "gradient-svd" or config["init_source"] != "dp":
         return None
-    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
-        delta = json.load(fh)["privacy"]["delta"]
-    event = GaussianDpEvent(noise_multiplier=config["init_noise_multiplier"])
-    return compute_epsilon(event, delta=delta, accountant="pld").epsilon
+    ledger = PrivacyLedger.load(os.path.join(run_dir, "ledger.json"))
+    worst = None
+    for cid in ledger.clients:
+        events = [event_from_dict(e["event"]) for e in ledger.to_json_dict()["body"]["entries"]
+                  if e["client"] == cid and e["kind"] == "init"]
+        if events:
+            eps = compute_epsilon(ComposedDpEvent(tuple(events)), delta=ledger.target_delta,
+                                  accountant="pld").epsilon
+            worst = eps if worst is None else max(worst, eps)
+    return worst
 
 
 def _fmt(values: list[float]) -> str:

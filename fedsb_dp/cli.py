@@ -32,8 +32,16 @@ _RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--pooling", "pooling", str, "what the classifier reads: auto (default: mean for "
      "sentence-transformers checkpoints), cls or mean"),
     ("--init", "init", str, "w0-svd (default), random-orthonormal or gradient-svd"),
-    ("--init-source", "init_source", str, "gradient-svd data: dp (default), public, nonprivate"),
-    ("--init-examples", "init_examples", int, "records per client for gradient-svd"),
+    ("--init-source", "init_source", str, "gradient-svd data: dp (default), public "
+     "(needs --init-data), nonprivate"),
+    ("--init-examples", "init_examples", int, "gradient-svd: expected records per client "
+     "(source dp: each record sampled with probability this / N_i) or public records used"),
+    ("--init-data", "init_data", str, "public dataset for --init-source public (file or hub "
+     "id; never the training data)"),
+    ("--init-text-column", "init_text_column", str, "text column of --init-data"),
+    ("--init-text-pair-column", "init_text_pair_column", str, "second text column of "
+     "--init-data"),
+    ("--init-label-column", "init_label_column", str, "label column of --init-data"),
     ("--init-noise-multiplier", "init_noise_multiplier", float, "σ_init for --init-source dp"),
     ("--init-clip", "init_clip_norm", float, "C_init for --init-source dp"),
     ("--dataset", "dataset", str, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet file, or a "

@@ -43,6 +43,7 @@ def test_run_config_round_trip_and_errors():
 
 @pytest.mark.parametrize("change, match", [
     ({"init": "gradient-svd", "init_source": "dp"}, "data-free"),
+    ({"init": "gradient-svd", "init_source": "public", "init_data": "public.csv"}, "data-free"),
     ({"method": "central-sb"}, "pools every record"),
 ])
 def test_unsupported_settings_are_refused(change, match):

@@ -3,13 +3,18 @@
 LoRA-SB's own initialiser (``gradient-svd``) looks at training data, so it is a release: it comes
 in three explicitly named data sources (REFERENCE.md §2):
 
-* ``public``: gradients on data the user declares public; no private record is touched
-  (``NoOpDpEvent``).
-* ``dp``: each example's gradient of all target weights is clipped jointly to ``C_init``, the
-  clipped gradients are summed, and ``N(0, σ_init² C_init²)`` is added to every coordinate
-  before sign and SVD (post-processing). One Gaussian mechanism of sensitivity ``C_init`` under
-  add/remove of one record: ``GaussianDpEvent(σ_init)`` charged to every client whose records
-  were used. In a federation each client releases its own noisy sum once
+* ``public``: gradients on a dataset the user declares public (never the clients' own
+  records); no private record is touched (``NoOpDpEvent``).
+* ``dp``: each client includes each of its records independently with probability
+  ``q_init = n_init / N_i`` (``n_init`` a public setting, so the rate depends on nothing but the
+  client's own size), clips each included example's gradient of all target weights jointly to
+  ``C_init``, sums, adds ``N(0, σ_init² C_init²)`` to every coordinate and divides by the
+  *expected* count ``n_init``; sign and SVD are post-processing. Adding or removing one record
+  moves the pre-noise sum by at most ``C_init`` (the record is in the sample or not; no other
+  record moves), so the release is a Poisson-subsampled Gaussian:
+  ``PoissonSampledDpEvent(q_init, GaussianDpEvent(σ_init))`` per client. (Taking the *first*
+  ``n_init`` records instead would let one removal shift record ``n_init + 1`` in:
+  sensitivity ``2·C_init``.) In a federation each client releases its own noisy sum once
   (:func:`dp_gradient_sum`) and the server adds them (:func:`factors_from_gradients`).
 * ``nonprivate``: the authors' raw-gradient initialisation, only behind
   ``allow_nonprivate=True``; its event is ``NonPrivateDpEvent`` and the run's ε is ∞.
@@ -21,14 +26,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from accounting.events import GaussianDpEvent, NonPrivateDpEvent, NoOpDpEvent
+from accounting.events import (
+    GaussianDpEvent,
+    NonPrivateDpEvent,
+    NoOpDpEvent,
+    PoissonSampledDpEvent,
+)
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.losses import example_losses
 
@@ -54,10 +64,12 @@ class InitResult:
     Attributes:
         method: One of :data:`INIT_METHODS`.
         factors: Qualified layer name → factors.
-        event: The privacy event charged to each client whose records were used (an
-            ``accounting`` event; ``NoOpDpEvent`` when no private record was read).
+        event: The privacy event charged to a client whose records were used (an
+            ``accounting`` event; ``NoOpDpEvent`` when no private record was read). In
+            ``dp`` mode the rate differs per client: see ``events``.
         source: For ``gradient-svd``, one of :data:`GRADIENT_SOURCES`.
-        examples_used: Number of records read per client id (empty for data-free methods).
+        examples_used: Records charged per client id (empty for data-free and public inits).
+        events: Client id → its own event (``dp``: each client's own q_init).
         details: JSON-safe description (parameters, seeds) for the run's provenance.
 
     """
@@ -67,6 +79,7 @@ class InitResult:
     event: Any
     source: str | None = None
     examples_used: dict[str, int] = field(default_factory=dict)
+    events: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,18 +190,56 @@ class _TargetGradients:
         self.model.train(self.was_training)
 
 
-def _check_n_init(n_init: int, available: int) -> None:
+def _check_n_init(n_init: int) -> None:
     if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
         raise ConfigError(f"n_init={n_init!r} must be a positive integer")
-    if n_init > available:
-        raise ConfigError(f"n_init={n_init} exceeds the {available} records available")
+
+
+def init_sampling_probability(expected_examples: int, num_records: int, *,
+                              client_id: str = "the client") -> float:
+    """q_init = n_init / N_i, the rate at which a client samples its own init records.
+
+    The rate depends only on the public setting ``n_init`` and the client's own size, so no
+    client's init depends on another client's data.
+
+    Raises:
+        ConfigError: If ``n_init`` is not a positive integer or exceeds N_i (q_init > 1).
+
+    """
+    _check_n_init(expected_examples)
+    if expected_examples > num_records:
+        raise ConfigError(
+            f"init_examples={expected_examples} exceeds the {num_records} records of "
+            f"{client_id}: the DP initialisation samples each record with probability "
+            f"init_examples/N_i = {expected_examples / num_records:.3g}, which must be ≤ 1; "
+            f"lower --init-examples to at most {num_records}")
+    return expected_examples / num_records
+
+
+def poisson_included(draws: torch.Tensor, sampling_probability: float) -> list[int]:
+    """Indices of the records whose uniform draw falls below q.
+
+    The comparison runs in float64: in float32 a rate such as 1e-8 would round and the
+    realised inclusion probability would no longer be the q the ledger charges.
+    """
+    if not 0 < sampling_probability <= 1:
+        raise ConfigError(f"sampling_probability={sampling_probability} must be in (0, 1]")
+    uniforms = draws.to(torch.float64)
+    return torch.nonzero(uniforms < sampling_probability).flatten().tolist()
 
 
 def _batches(
-    dataset: torch.utils.data.Dataset, collate: Callable, *, n_init: int, batch_size: int
+    dataset: torch.utils.data.Dataset, collate: Callable, *, indices: Sequence[int],
+    batch_size: int,
 ) -> Iterable[dict[str, torch.Tensor]]:
-    subset = torch.utils.data.Subset(dataset, range(n_init))
+    subset = torch.utils.data.Subset(dataset, list(indices))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate)
+
+
+def _check_indices(indices: Sequence[int], available: int) -> None:
+    bad = [i for i in indices if not 0 <= i < available]
+    if bad:
+        raise ConfigError(f"record indices {bad[:5]} are outside the {available} records")
 
 
 def raw_gradient_sum(
@@ -198,14 +249,14 @@ def raw_gradient_sum(
     collate: Callable,
     *,
     task: str,
-    n_init: int,
+    indices: Sequence[int],
     batch_size: int = 16,
 ) -> dict[str, torch.Tensor]:
-    """Σ over the first ``n_init`` records of ∇_W loss, unclipped (public or non-private data)."""
-    _check_n_init(n_init, len(dataset))
+    """Σ over the records at ``indices`` of ∇_W loss, unclipped (public or non-private data)."""
+    _check_indices(indices, len(dataset))
     sums = {name: torch.zeros_like(layer.weight) for name, layer in targets.items()}
     with _TargetGradients(model, targets):
-        for batch in _batches(dataset, collate, n_init=n_init, batch_size=batch_size):
+        for batch in _batches(dataset, collate, indices=indices, batch_size=batch_size):
             example_losses(model, batch, task=task).sum().backward()
             for name, layer in targets.items():
                 sums[name] += layer.weight.grad
@@ -220,26 +271,28 @@ def clipped_gradient_sum(
     collate: Callable,
     *,
     task: str,
-    n_init: int,
+    indices: Sequence[int],
     max_grad_norm: float,
     batch_size: int = 16,
 ) -> dict[str, torch.Tensor]:
-    """Σ over the first ``n_init`` records of each example's gradient clipped jointly to C.
+    """Σ over the records at ``indices`` of each example's gradient clipped jointly to C.
 
     Per-example gradients come from Opacus' per-sample-gradient hooks on the target layers;
     one example's contribution to the returned sum has norm ≤ ``max_grad_norm`` over all
-    targets together, which is the sensitivity the Gaussian noise is calibrated to.
+    targets together.
     """
     from opacus import GradSampleModule
 
-    _check_n_init(n_init, len(dataset))
+    _check_indices(indices, len(dataset))
     if not max_grad_norm > 0:
         raise ConfigError(f"max_grad_norm={max_grad_norm} must be > 0")
     sums = {name: torch.zeros_like(layer.weight) for name, layer in targets.items()}
+    if not indices:
+        return sums
     with _TargetGradients(model, targets):
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         try:
-            for batch in _batches(dataset, collate, n_init=n_init, batch_size=batch_size):
+            for batch in _batches(dataset, collate, indices=indices, batch_size=batch_size):
                 example_losses(wrapped, batch, task=task).sum().backward()
                 per_example = {n: layer.weight.grad_sample for n, layer in targets.items()}
                 squared = sum(g.flatten(1).pow(2).sum(dim=1) for g in per_example.values())
@@ -252,6 +305,48 @@ def clipped_gradient_sum(
     return sums
 
 
+def sampled_clipped_sum(
+    model: nn.Module,
+    targets: Mapping[str, nn.Linear],
+    dataset: torch.utils.data.Dataset,
+    collate: Callable,
+    *,
+    task: str,
+    draws: torch.Tensor,
+    sampling_probability: float,
+    max_grad_norm: float,
+    batch_size: int = 16,
+) -> dict[str, torch.Tensor]:
+    """The pre-noise statistic of the DP initialisation.
+
+    Record ``j`` is in the sum iff ``draws[j] < sampling_probability``. Each record's
+    membership depends on its own draw only, so adding or removing one record (with the
+    other records keeping their draws) moves the sum by at most ``max_grad_norm``.
+
+    Args:
+        model: Model whose target weights get the gradients.
+        targets: Target linear layers by qualified name.
+        dataset: The client's records.
+        collate: Batch collate function.
+        task: Loss type.
+        draws: One uniform [0, 1) draw per record of ``dataset``.
+        sampling_probability: q_init.
+        max_grad_norm: C_init.
+        batch_size: Physical batch size (memory only).
+
+    Returns:
+        Layer name → Σ of the sampled records' jointly clipped gradients.
+
+    """
+    if draws.shape != (len(dataset),):
+        raise ConfigError(f"draws has shape {tuple(draws.shape)}; need one draw per record "
+                          f"({len(dataset)})")
+    return clipped_gradient_sum(
+        model, targets, dataset, collate, task=task,
+        indices=poisson_included(draws, sampling_probability), max_grad_norm=max_grad_norm,
+        batch_size=batch_size)
+
+
 def dp_gradient_sum(
     model: nn.Module,
     targets: Mapping[str, nn.Linear],
@@ -259,31 +354,42 @@ def dp_gradient_sum(
     collate: Callable,
     *,
     task: str,
-    n_init: int,
+    expected_examples: int,
     max_grad_norm: float,
     noise_multiplier: float,
     batch_size: int = 16,
-    generator: torch.Generator | None = None,
+    sampling_generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
     allow_nonprivate: bool = False,
+    client_id: str = "the client",
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """One client's noisy clipped gradient sum and the event it releases.
+    """One client's noisy mean of Poisson-sampled clipped gradients, and the event it releases.
 
     Args:
         model: Model whose target weights get the gradients.
         targets: Target linear layers by qualified name.
-        dataset: The client's records (the first ``n_init`` are used).
+        dataset: The client's records.
         collate: Batch collate function.
         task: Loss type.
-        n_init: Records used (≥ 1).
+        expected_examples: n_init, a public setting; each record is sampled with probability
+            q_init = n_init / N_i, and the noisy sum is divided by n_init (never by the
+            realised count, which would depend on which records were sampled).
         max_grad_norm: C_init, joint per-example clip norm over all targets.
-        noise_multiplier: σ_init; noise std per coordinate is σ_init·C_init.
+        noise_multiplier: σ_init; noise std per coordinate of the sum is σ_init·C_init.
         batch_size: Physical batch size (memory only; the release is one sum).
-        generator: Noise source; ``None`` draws from OS entropy. A seeded generator makes the
-            run reproducible and must be marked as such in the ledger.
+        sampling_generator: Source of the inclusion draws; ``None`` draws from OS entropy.
+        noise_generator: Noise source; ``None`` draws from OS entropy. Seeded generators make
+            the run reproducible, which must be marked as such in the ledger.
         allow_nonprivate: Permit σ_init = 0 (then the event is ``NonPrivateDpEvent``).
+        client_id: Name used in error messages.
 
     Returns:
-        The noisy sums and the event (``GaussianDpEvent(σ_init)``).
+        The noisy means and the event
+        (``PoissonSampledDpEvent(q_init, GaussianDpEvent(σ_init))``).
+
+    Raises:
+        ConfigError: For σ_init < 0 (or 0 without ``allow_nonprivate``), C_init ≤ 0, or
+            n_init > N_i.
 
     """
     if noise_multiplier < 0 or (noise_multiplier == 0 and not allow_nonprivate):
@@ -291,25 +397,41 @@ def dp_gradient_sum(
             f"noise_multiplier={noise_multiplier} for the DP initialisation must be > 0 "
             "(σ_init = 0 is non-private and needs allow_nonprivate=True)"
         )
-    sums = clipped_gradient_sum(
-        model, targets, dataset, collate, task=task, n_init=n_init,
+    if not max_grad_norm > 0:
+        raise ConfigError(f"max_grad_norm={max_grad_norm} must be > 0")
+    rate = init_sampling_probability(expected_examples, len(dataset), client_id=client_id)
+    draws = torch.rand(len(dataset), generator=sampling_generator or os_entropy_generator(),
+                       dtype=torch.float64)
+    sums = sampled_clipped_sum(
+        model, targets, dataset, collate, task=task, draws=draws, sampling_probability=rate,
         max_grad_norm=max_grad_norm, batch_size=batch_size,
     )
     if noise_multiplier == 0:
-        return sums, NonPrivateDpEvent()
-    generator = generator or os_entropy_generator()
+        return {n: s / expected_examples for n, s in sums.items()}, NonPrivateDpEvent()
+    generator = noise_generator or os_entropy_generator()
     std = noise_multiplier * max_grad_norm
     noisy = {
-        name: s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype)
+        name: (s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype))
+        / expected_examples
         for name, s in sums.items()
     }
-    return noisy, GaussianDpEvent(noise_multiplier=noise_multiplier)
+    return noisy, dp_init_event(expected_examples, len(dataset),
+                                noise_multiplier=noise_multiplier, client_id=client_id)
+
+
+def dp_init_event(expected_examples: int, num_records: int, *, noise_multiplier: float,
+                  client_id: str = "the client") -> PoissonSampledDpEvent:
+    """What one client's DP gradient-SVD init releases: SGM(n_init / N_i, σ_init)."""
+    return PoissonSampledDpEvent(
+        sampling_probability=init_sampling_probability(expected_examples, num_records,
+                                                       client_id=client_id),
+        event=GaussianDpEvent(noise_multiplier=noise_multiplier))
 
 
 def gradient_svd_init(
     model: nn.Module,
     targets: Mapping[str, nn.Linear],
-    client_datasets: Mapping[str, torch.utils.data.Dataset],
+    datasets: Mapping[str, torch.utils.data.Dataset],
     collate: Callable,
     *,
     task: str,
@@ -321,54 +443,70 @@ def gradient_svd_init(
     max_grad_norm: float | None = None,
     noise_multiplier: float | None = None,
     batch_size: int = 16,
-    generator: torch.Generator | None = None,
+    sampling_generators: Mapping[str, torch.Generator] | None = None,
+    noise_generators: Mapping[str, torch.Generator] | None = None,
     allow_nonprivate: bool = False,
 ) -> InitResult:
     """LoRA-SB's gradient-SVD initialisation over one or more data holders.
 
-    Each entry of ``client_datasets`` contributes the gradient sum over its first ``n_init``
-    records (noised per client in ``dp`` mode); the server adds the contributions and runs
-    sign + SVD once, so every client receives identical factors.
+    ``dp``: every client contributes its noisy mean over a Poisson sample of its own records
+    (rate n_init / N_i). ``public`` / ``nonprivate``: each data holder contributes the raw
+    gradient sum over its first min(n_init, size) records. The server adds the contributions
+    and runs sign + SVD once, so every client receives identical factors.
 
     Args:
         model: The model before adapter injection.
         targets: Target linear layers.
-        client_datasets: Data holder id → dataset. For ``source="public"`` the key names the
-            public dataset and no client is charged.
+        datasets: Data holder id → dataset. For ``source="public"`` this is the public
+            dataset (keyed by its name) and never a client's records; no client is charged.
         collate: Batch collate function.
         task: Loss type.
         rank: r.
         source: ``"public"``, ``"dp"`` or ``"nonprivate"``.
-        n_init: Records per data holder.
+        n_init: Expected records per client (``dp``), or records per data holder.
         lr_eff: Scale of R⁰.
         zero_r: R⁰ = 0.
         max_grad_norm: C_init (``dp`` only).
         noise_multiplier: σ_init (``dp`` only).
         batch_size: Physical batch size.
-        generator: Noise source for ``dp`` (default: OS entropy).
+        sampling_generators: Client id → inclusion-draw source for ``dp`` (default: OS
+            entropy).
+        noise_generators: Client id → noise source for ``dp`` (default: OS entropy).
         allow_nonprivate: Required for ``source="nonprivate"`` (and σ_init = 0).
 
     Returns:
-        The factors, the per-client event, and how many records each client contributed.
+        The factors, the per-client event, and how many records each client was charged for
+        (the expected count n_init in ``dp`` mode; the realised count is never reported, as
+        it moves with the sampled records).
 
     """
     if source not in GRADIENT_SOURCES:
         raise ConfigError(f"init source={source!r} is not one of {GRADIENT_SOURCES}")
-    if not client_datasets:
+    if not datasets:
         raise ConfigError("gradient-svd initialisation needs at least one dataset")
+    _check_n_init(n_init)
     total: dict[str, torch.Tensor] = {n: torch.zeros_like(t.weight) for n, t in targets.items()}
     event: Any = NoOpDpEvent()
+    events: dict[str, Any] = {}
+    used: dict[str, int] = {}
     if source == "dp":
         if max_grad_norm is None or noise_multiplier is None:
             raise ConfigError("source='dp' needs max_grad_norm (C_init) and noise_multiplier")
-        for dataset in client_datasets.values():
-            sums, event = dp_gradient_sum(
-                model, targets, dataset, collate, task=task, n_init=n_init,
+        for cid, dataset in datasets.items():
+            init_sampling_probability(n_init, len(dataset), client_id=cid)  # all before any
+        for cid, dataset in datasets.items():
+            sums, events[cid] = dp_gradient_sum(
+                model, targets, dataset, collate, task=task, expected_examples=n_init,
                 max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                batch_size=batch_size, generator=generator, allow_nonprivate=allow_nonprivate,
+                batch_size=batch_size,
+                sampling_generator=(sampling_generators or {}).get(cid),
+                noise_generator=(noise_generators or {}).get(cid),
+                allow_nonprivate=allow_nonprivate, client_id=cid,
             )
+            used[cid] = n_init
             for name in total:
                 total[name] += sums[name]
+        event = next(iter(events.values()))
     else:
         if source == "nonprivate" and not allow_nonprivate:
             raise ConfigError(
@@ -376,23 +514,23 @@ def gradient_svd_init(
                 "allow_nonprivate=True to do it anyway, or use 'dp', 'public', "
                 "'w0-svd' or 'random-orthonormal'"
             )
-        for dataset in client_datasets.values():
-            sums = raw_gradient_sum(
-                model, targets, dataset, collate, task=task, n_init=n_init,
-                batch_size=batch_size,
-            )
+        for cid, dataset in datasets.items():
+            count = min(n_init, len(dataset))
+            sums = raw_gradient_sum(model, targets, dataset, collate, task=task,
+                                    indices=range(count), batch_size=batch_size)
+            used[cid] = count
             for name in total:
                 total[name] += sums[name]
         event = NonPrivateDpEvent() if source == "nonprivate" else NoOpDpEvent()
+        events = {cid: event for cid in datasets} if source == "nonprivate" else {}
     factors = factors_from_gradients(total, rank=rank, lr_eff=lr_eff, zero_r=zero_r)
-    charged = {} if source == "public" else {cid: n_init for cid in client_datasets}
     return InitResult(
         method="gradient-svd", factors=factors, event=event, source=source,
-        examples_used=charged,
+        examples_used={} if source == "public" else used, events=events,
         details={
             "rank": rank, "n_init": n_init, "lr_eff": lr_eff, "zero_r": zero_r,
             "max_grad_norm": max_grad_norm, "noise_multiplier": noise_multiplier,
-            "public_datasets": list(client_datasets) if source == "public" else [],
-            "noise_seeded": generator is not None,
+            "public_datasets": list(datasets) if source == "public" else [],
+            "noise_seeded": noise_generators is not None,
         },
     )

@@ -19,6 +19,14 @@ from fedsb_dp.adapters.export import export_peft_adapter, save_merged
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import DPClient, train_instruction
+from fedsb_dp.federated.initialisation import (
+    PublicInitData,
+    init_datasets,
+    init_events,
+    init_generators,
+    load_public_init_data,
+    uses_public_data,
+)
 from fedsb_dp.federated.protocol import ClientReply, NoUpdate, Prepared, RoundProtocol
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.setup import (
@@ -57,22 +65,28 @@ class RunResult:
 
 
 def _prepare(config: RunConfig, *, partition_seed: int,
-             ) -> tuple[Prepared, dict[str, DPClient], dict[str, Any]]:
+             ) -> tuple[Prepared, dict[str, DPClient], dict[str, Any], PublicInitData | None]:
     """Data, partition, clients and model — everything that can fail before spending."""
     data = load_data(config)
     frames, partition = partition_frames(config, data, partition_seed=partition_seed)
     loaded = load_base_model(config, num_labels=data.num_labels)
     clients = {cid: make_client(cid, frame, config, loaded.tokenizer)
                for cid, frame in frames.items()}
+    # Read before anything is spent, so a bad --init-data fails first.
+    public_init = (load_public_init_data(config, label_names=data.label_names,
+                                         tokenizer=loaded.tokenizer)
+                   if uses_public_data(config) else None)
+    # q_init = n_init / N_i ≤ 1 for every client, checked here for private and no-DP runs alike.
+    init_events(config, {cid: c.num_records for cid, c in clients.items()})
     prepared = Prepared(model=loaded.model, tokenizer=loaded.tokenizer,
                         resolved_path=loaded.resolved_path,
                         sizes={cid: c.num_records for cid, c in clients.items()},
                         evaluator=Evaluator.build(config, data, loaded.tokenizer))
-    return prepared, clients, partition
+    return prepared, clients, partition, public_init
 
 
 def _initialiser(config: RunConfig, clients: dict[str, DPClient], streams: RandomStreams,
-                 init_seed: int) -> Any:
+                 init_seed: int, public_init: PublicInitData | None) -> Any:
     """A callable that injects the agreed adapters into the model.
 
     A gradient-SVD init reads the clients' records; its events are in the saved ledger by the
@@ -83,22 +97,23 @@ def _initialiser(config: RunConfig, clients: dict[str, DPClient], streams: Rando
     def initialise(model: Any) -> None:
         factors = None
         if config.init == "gradient-svd" and method.adapter == "lora-sb":
-            factors = _gradient_factors(config, clients, streams, model)
+            factors = _gradient_factors(config, clients, streams, model, public_init)
         inject(config, method, model, init_seed=init_seed, factors=factors)
     return initialise
 
 
 def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: RandomStreams,
-                      model: Any) -> dict[str, Any]:
-    """B, A, R⁰ from the clients' (clipped, noised) gradients."""
+                      model: Any, public_init: PublicInitData | None) -> dict[str, Any]:
+    """B, A, R⁰ from gradients: each client's sampled, clipped and noised sum, or public data."""
     first = next(iter(clients.values()))
+    sampling, noise = init_generators(streams, list(clients))
     return gradient_svd_init(
-        model, targets_of(config, model), {cid: c.dataset for cid, c in clients.items()},
+        model, targets_of(config, model),
+        init_datasets(config, {cid: c.dataset for cid, c in clients.items()}, public_init),
         first.collate, task=TASK, rank=config.rank, source=config.init_source,
-        n_init=min(config.init_examples, min(c.num_records for c in clients.values())),
-        lr_eff=config.init_lr, max_grad_norm=config.init_clip_norm,
-        noise_multiplier=config.init_noise_multiplier,
-        generator=streams.torch("init-noise") if streams.seeded else None,
+        n_init=config.init_examples, lr_eff=config.init_lr,
+        max_grad_norm=config.init_clip_norm, noise_multiplier=config.init_noise_multiplier,
+        sampling_generators=sampling, noise_generators=noise,
         allow_nonprivate=config.allow_nonprivate_init,
     ).factors
 
@@ -110,7 +125,7 @@ def _start(config: RunConfig, *, check_export: bool,
     rd.check_new_run_dir(out)  # fail fast, before loading anything
     streams = RandomStreams(config.seed)
     partition_seed = streams.integer("partition")
-    prepared, clients, partition = _prepare(config, partition_seed=partition_seed)
+    prepared, clients, partition, public_init = _prepare(config, partition_seed=partition_seed)
     if check_export and pooling_of(prepared.model) == "mean":
         raise ConfigError("--export-merged/--export-peft cannot express the mean pooler "
                           "this model's classifier reads; add --pooling cls, or keep the "
@@ -118,7 +133,8 @@ def _start(config: RunConfig, *, check_export: bool,
     init_seed = streams.integer("init-factors")
     protocol = RoundProtocol.create(
         config, prepared, engine=ENGINE, partition_seed=partition_seed, init_seed=init_seed,
-        partition=partition, initialise=_initialiser(config, clients, streams, init_seed))
+        partition=partition, public_init=public_init,
+        initialise=_initialiser(config, clients, streams, init_seed, public_init))
     return protocol, clients
 
 
@@ -153,7 +169,7 @@ def run_federation(
                           f"method={config.method!r}")
     if resume:
         saved, state = RoundProtocol.saved(config.out)
-        prepared, clients, _ = _prepare(saved, partition_seed=state["partition_seed"])
+        prepared, clients, _, _ = _prepare(saved, partition_seed=state["partition_seed"])
         protocol = RoundProtocol.resume(config.out, prepared)
     else:
         protocol, clients = _start(config, check_export=export_merged or export_peft)

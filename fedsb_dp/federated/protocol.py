@@ -50,6 +50,7 @@ from fedsb_dp.adapters import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig, sampling_probability
+from fedsb_dp.federated.initialisation import init_events, init_record
 from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit
 from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
 from fedsb_dp.federated.run_config import RunConfig
@@ -57,7 +58,6 @@ from fedsb_dp.federated.server import payload_bytes, validate_update
 from fedsb_dp.federated.setup import (
     Evaluator,
     client_ids,
-    init_events,
     make_method,
     sb_config,
     targets_of,
@@ -224,7 +224,8 @@ class RoundProtocol:
     def create(cls, config: RunConfig, prepared: Prepared, *, engine: str,
                partition_seed: int, init_seed: int,
                initialise: Callable[[torch.nn.Module], None] | None = None,
-               partition: Mapping[str, Any] | None = None) -> RoundProtocol:
+               partition: Mapping[str, Any] | None = None,
+               public_init: Any = None) -> RoundProtocol:
         """Plan a new run and write its directory (nothing is released yet but the init).
 
         Args:
@@ -237,6 +238,7 @@ class RoundProtocol:
                 any init event is in the saved ledger (it may read client data then).
                 ``None``: the driver already injected data-free adapters.
             partition: Operator-side partition diagnostics (``partition.json``).
+            public_init: The ``--init-data`` a public-source init reads (recorded).
 
         Raises:
             accounting.AccountingError: If δ is too large or the target unreachable.
@@ -256,7 +258,7 @@ class RoundProtocol:
             sampling_probability(config.batch_size, size)  # raises with a clear message
         if not adapted_layers(prepared.model):
             targets_of(config, prepared.model)  # the rank against every target, up front
-        charged_init = init_events(config, method, sizes)
+        charged_init = init_events(config, sizes)
         sigma = (calibrate_noise_multiplier(
             target_epsilon=config.epsilon, target_delta=delta,
             plan=unit.plan(sizes, charged_init), accountant=config.accountant,
@@ -277,6 +279,7 @@ class RoundProtocol:
                       "noise_is_release": not streams.seeded, "sampling": "poisson",
                       "noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
                       "method": config.method, "dp_level": config.dp_level,
+                      "init": init_record(config, public_init),
                       **({"client_clip_norm": config.client_clip_norm}
                          if config.dp_level == "client" else {})},
         )

@@ -70,6 +70,10 @@ class RunConfig:
     init_clip_norm: float = 1.0
     init_lr: float = 5e-4
     allow_nonprivate_init: bool = False
+    init_data: str | None = None
+    init_text_column: str = "text"
+    init_text_pair_column: str | None = None
+    init_label_column: str = "label"
     # data
     dataset: str = DEFAULT_DATASET
     text_column: str = "text"
@@ -150,13 +154,15 @@ class RunConfig:
                 "--allow-nonprivate-init to do it anyway, or use --init-source dp"
             )
 
+        self._check_init_data()
         if self.dp_level == "client" and self.init == "gradient-svd" and (
             self.init_source != "public"
         ):
             raise ConfigError(
                 "dp_level='client' accounts whole clients; a gradient-svd init on client data "
                 "is a record-level release. Use --init w0-svd, random-orthonormal, or "
-                "--init-source public")
+                "--init-source public --init-data PATH|HUB_ID (a public dataset, never the "
+                "clients' records)")
 
         if self.client_ranks is not None:
             self._check_client_ranks()
@@ -172,6 +178,24 @@ class RunConfig:
         if self.method_is_central and self.partition != "iid":
             raise ConfigError(f"method={self.method!r} trains on the pooled data; "
                               f"partition={self.partition!r} does not apply")
+
+    def _check_init_data(self) -> None:
+        public = self.init == "gradient-svd" and self.init_source == "public"
+        if public and not self.init_data:
+            raise ConfigError(
+                "init_source='public' needs --init-data PATH|HUB_ID: a public dataset (with "
+                "--init-text-column/--init-label-column if its columns differ), never the "
+                "clients' own records")
+        if self.init_data is not None and not public:
+            raise ConfigError(
+                f"init_data={self.init_data!r} is only read by --init gradient-svd "
+                f"--init-source public, not init={self.init!r} with "
+                f"init_source={self.init_source!r}; drop --init-data or change the init")
+        if public and self.init_data == self.dataset:
+            raise ConfigError(
+                f"init_data={self.init_data!r} is the training dataset itself; a public init "
+                "must not read the clients' records (use --init-source dp to learn it from "
+                "them with DP, or a data-free --init)")
 
     def _check_client_ranks(self) -> None:
         ranks = self.client_ranks

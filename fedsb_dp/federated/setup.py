@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from accounting.events import GaussianDpEvent, NonPrivateDpEvent
 from fedsb_dp.adapters import (
     SBConfig,
     find_target_modules,
@@ -204,15 +203,3 @@ class Evaluator:
         dataset = self.validation if split == "validation" else self.test
         return evaluate_classifier(model, dataset, self.collate, num_labels=self.num_labels)
 
-
-def init_events(config: RunConfig, method: FederatedMethod,
-                sizes: dict[str, int]) -> dict[str, Any]:
-    """The init release each client is charged for (empty when the init reads no record)."""
-    if method.adapter != "lora-sb":
-        return {}  # LoRA baselines start from data-free random A and B = 0
-    if config.init != "gradient-svd" or config.init_source == "public":
-        return {}
-    if config.init_source == "nonprivate" or config.init_noise_multiplier == 0:
-        return {cid: NonPrivateDpEvent() for cid in sizes}
-    return {cid: GaussianDpEvent(noise_multiplier=config.init_noise_multiplier)
-            for cid in sizes}

@@ -216,8 +216,14 @@ def _write(path, data):
 
 def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson",
              allow_large_delta=False, delta=1e-5, extra_steps=None, nonprivate=False,
-             claim_scale=1.0):
-    """A run directory shaped like run_federation's, with a real ledger."""
+             claim_scale=1.0, init=None):
+    """A run directory shaped like run_federation's, with a real ledger.
+
+    ``init`` adds a gradient-SVD init: ``"dp"`` (today's sampled charge), ``"dp-old"`` (the
+    unsampled ``GaussianDpEvent`` charge of the first-n_init init), ``"dp-uncharged"``,
+    ``"public"`` (with its data reference) or ``"public-old"`` (no ``init_data``: the old code
+    read the clients' records and charged nothing).
+    """
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
     sizes = {f"client-{i}": N for i in range(clients)}
@@ -226,7 +232,14 @@ def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson"
         allow_large_delta=allow_large_delta,
         metadata={"seed_mode": seed_mode, "noise_is_release": seed_mode != "seeded",
                   "sampling": sampling, "noise_multiplier": SIGMA, "max_grad_norm": 0.1,
-                  "dp_level": "example"})
+                  "dp_level": "example",
+                  **({"init": INIT_META[init]} if init in INIT_META else {})})
+    for cid in sizes:
+        if init == "dp":
+            ledger.record(cid, PoissonSampledDpEvent(N_INIT / N, GaussianDpEvent(SIGMA_INIT)),
+                          kind="init")
+        elif init == "dp-old":
+            ledger.record(cid, GaussianDpEvent(SIGMA_INIT), kind="init")
     step = PoissonSampledDpEvent(B / N, GaussianDpEvent(SIGMA))
     for r in range(ROUNDS):
         for cid in sizes:
@@ -239,7 +252,7 @@ def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson"
     settings = {"epsilon": 3.0, "delta": delta, "dp_level": "example", "max_grad_norm": 0.1,
                 "batch_size": B, "rounds": ROUNDS, "local_steps": STEPS, "participation": 1.0,
                 "clients": clients, "seed": 1 if seed_mode == "seeded" else None,
-                "out": directory}
+                "out": directory, **INIT_SETTINGS.get(init, {})}
     digest = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "out"},
                                        sort_keys=True).encode()).hexdigest()
     _write(os.path.join(directory, "config.json"), {"config": settings, "digest": digest})
@@ -260,6 +273,23 @@ def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson"
         for r in range(ROUNDS):
             fh.write(json.dumps({"round": r + 1, "participants": list(sizes)}) + "\n")
     return directory
+
+
+N_INIT, SIGMA_INIT = 64, 8.0
+_DP_INIT = {"init": "gradient-svd", "init_source": "dp", "init_examples": N_INIT,
+            "init_noise_multiplier": SIGMA_INIT, "init_clip_norm": 1.0}
+_PUBLIC_INIT = {"init": "gradient-svd", "init_source": "public", "init_examples": N_INIT}
+INIT_SETTINGS = {
+    "dp": _DP_INIT, "dp-old": _DP_INIT, "dp-uncharged": _DP_INIT,
+    "public": {**_PUBLIC_INIT, "init_data": "public.csv"}, "public-old": _PUBLIC_INIT,
+}
+INIT_META = {
+    "dp": {"method": "gradient-svd", "source": "dp", "examples": N_INIT,
+           "noise_multiplier": SIGMA_INIT, "clip_norm": 1.0, "sampling": "poisson"},
+    "public": {"method": "gradient-svd", "source": "public", "examples": N_INIT,
+               "data": {"source": "public.csv", "records": N_INIT, "records_sha256": "ab" * 32,
+                        "file_sha256": "cd" * 32}},
+}
 
 
 def _check(report, name):
@@ -359,3 +389,40 @@ def test_audit_modules_stay_torch_free():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("init", [None, "dp", "public"])
+def test_init_that_matches_its_charge_passes(tmp_path, init):
+    report = audit_run(make_run(tmp_path / "run", init=init))
+    assert report.passed, report.format()
+    _, ok, detail = _check(report, "init matches the ledger")
+    assert ok and (init != "dp" or "PoissonSampled(q = 64/N_i" in detail)
+
+
+@pytest.mark.parametrize(("init", "expected"), [
+    ("dp-old", "OLD unsampled charge"),
+    ("dp-uncharged", "with no init charge"),
+    ("public-old", "without an --init-data reference"),
+])
+def test_old_init_shapes_fail_the_audit(tmp_path, init, expected):
+    """Run directories as the pre-fix code wrote them: every other check passes."""
+    report = audit_run(make_run(tmp_path / "run", init=init))
+    _, ok, detail = _check(report, "init matches the ledger")
+    assert not ok and expected in detail, detail
+    assert [c[0] for c in report.failures] == ["init matches the ledger"]
+    assert "init matches the ledger" in report.verdict
+
+
+def test_dp_init_charged_at_another_rate_fails(tmp_path):
+    path = make_run(tmp_path / "run", init="dp")
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["config"]["init_examples"] = 32  # the ledger charges q = 64/N
+    config["digest"] = hashlib.sha256(json.dumps(
+        {k: v for k, v in config["config"].items() if k != "out"},
+        sort_keys=True).encode()).hexdigest()
+    _write(os.path.join(path, "config.json"), config)
+    _write(os.path.join(path, "provenance.json"), {
+        **json.load(open(os.path.join(path, "provenance.json"))),
+        "config_digest": config["digest"]})
+    _, ok, detail = _check(audit_run(path), "init matches the ledger")
+    assert not ok and "q=n_init/N_i=0.032" in detail
