@@ -55,11 +55,12 @@ from fedsb_dp.adapters import (
 from fedsb_dp.adapters.export import export_peft_adapter, save_merged, set_trainable_state
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.errors import ConfigError, FedSBError
+from fedsb_dp.federated import release
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import (
     DPClient,
     LocalTrainingConfig,
-    NonFiniteLossError,
+    NonFiniteUpdateError,
     sampling_probability,
 )
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
@@ -94,12 +95,15 @@ class RunResult:
         run_dir: Where everything was written.
         status: ``"completed"``, ``"stopped-budget"`` or ``"stopped-nonfinite"``.
         summary: The summary dictionary (ε recomputed from the saved ledger).
+        operator: Operator-only facts of the run (wall time, realised traffic; client-level:
+            Nᵢ), also in ``operator.jsonl`` and never in ``summary.json``.
 
     """
 
     run_dir: str
     status: str
     summary: dict[str, Any] = field(default_factory=dict)
+    operator: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -519,7 +523,8 @@ def run_federation(
                 bar.close()
                 validate_update(update, global_state=global_state,
                                 fingerprint=state["fingerprint"],
-                                expected_steps=config.local_steps)
+                                expected_steps=config.local_steps,
+                                finite_required=not client_level)
                 updates.append(update)
                 sent_states.append(_sent(update.state, rank))
                 up_by_client[cid] = payload_bytes(sent_states[-1])
@@ -554,23 +559,23 @@ def run_federation(
                                           num_labels=setup.num_labels)
             eps = (epsilon_report(paths[rd.LEDGER], setup.delta, config.accountant)
                    if config.private else {"epsilon": math.inf})
-            rd.append_jsonl(paths[rd.METRICS], {
+            release.write_round(out, {
                 "round": round_index + 1, "participants": participants,
                 "validation_accuracy": metrics["accuracy"], "validation_loss": metrics["loss"],
                 "validation_macro_f1": metrics["macro_f1"], "epsilon": eps["epsilon"],
                 "bytes_up": up, "bytes_down": down, "bytes_up_by_client": up_by_client,
                 "bytes_down_by_client": down_by_client, "elapsed_s": time.time() - started,
-            })
+            }, dp_level=config.dp_level)
             rd.write_json_atomic(paths[rd.PROGRESS], state)
             rounds_this_call += 1
             logger.info("round %d: validation accuracy %.4f, ε so far %.4g",
                         round_index + 1, metrics["accuracy"], eps["epsilon"])
-    except NonFiniteLossError as exc:
-        status, message = "stopped-nonfinite", (
-            f"{exc}. The round was discarded; the ledger keeps its reserved steps and the last "
-            f"good checkpoint is {paths[rd.CHECKPOINT]} (round {state['completed_rounds']}). "
-            "Lower --lr or --clip and start a new run")
-        logger.error(message)
+    except NonFiniteUpdateError as exc:
+        # The released reason names no client or step; the details are the operator's.
+        status, message = "stopped-nonfinite", release.NONFINITE_STOP_MESSAGE
+        release.append_operator(out, "stop", {"status": status, "detail": str(exc),
+                                              "round": state["completed_rounds"] + 1})
+        logger.error("%s; %s", message, exc)
     finally:
         private_model._close()
     if status == "interrupted":
@@ -602,6 +607,14 @@ def run_federation(
         "clients": {cid: c.num_records for cid, c in setup.clients.items()},
         "seed_mode": "seeded" if setup.streams.seeded else "os-entropy",
         "label_names": list(setup.label_names), "wall_time_s": time.time() - started,
+        "trust_model": release.trust_model(config.dp_level, engine="inprocess"),
     }
+    summary, operator = release.split_record(summary, dp_level=config.dp_level)
+    if client_level:
+        summary.update(bytes_basis="expected", **{
+            f"bytes_{way}": release.expected_traffic(
+                state["next_down_by_client"], participation=config.participation,
+                rounds=state["completed_rounds"]) for way in ("up", "down")})
+    release.append_operator(out, "summary", operator)
     rd.write_json_atomic(paths[rd.SUMMARY], summary)
-    return RunResult(run_dir=out, status=status, summary=summary)
+    return RunResult(run_dir=out, status=status, summary=summary, operator=operator)

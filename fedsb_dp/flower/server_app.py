@@ -40,6 +40,7 @@ from fedsb_dp.adapters import frozen_fingerprint, save_sb_adapter, trainable_sta
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
+from fedsb_dp.federated import release
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import sampling_probability
 from fedsb_dp.federated.engine import _local_config, _plan, epsilon_report
@@ -228,13 +229,13 @@ def run_server(grid: Grid, config: RunConfig, options: FlowerOptions) -> dict[st
                if config.private else {"epsilon": math.inf})
         now = time.time()
         round_times.append(now - round_started[0])
-        rd.append_jsonl(paths[rd.METRICS], {
+        release.write_round(out, {
             "round": outcome.round_index + 1, "participants": outcome.participants,
             "aggregated": outcome.aggregated, "valid": outcome.valid,
             "dropped": outcome.dropped, "rejected": outcome.rejected, **metrics,
             "epsilon": eps["epsilon"], "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down, "round_time_s": round_times[-1],
-            "elapsed_s": now - started})
+            "elapsed_s": now - started}, dp_level=config.dp_level)
         rd.write_json_atomic(paths[rd.PROGRESS], state)
         round_started[0] = time.time()
 
@@ -267,7 +268,10 @@ def run_server(grid: Grid, config: RunConfig, options: FlowerOptions) -> dict[st
         "clients": sizes, "seed_mode": "seeded" if streams.seeded else "os-entropy",
         "label_names": list(setup.label_names), "round_times_s": round_times,
         "wall_time_s": time.time() - started,
+        "trust_model": release.trust_model(config.dp_level, engine=ENGINE),
     }
+    summary, operator = release.split_record(summary, dp_level=config.dp_level)
+    release.append_operator(out, "summary", operator)
     rd.write_json_atomic(paths[rd.SUMMARY], summary)
     return summary
 

@@ -35,6 +35,22 @@ def _read(path: str) -> Any:
         return json.load(fh)
 
 
+def _wall_time(path: str, summary: dict[str, Any]) -> float | None:
+    """A run's wall time: from its operator log (current runs) or its summary (older runs).
+
+    An archived cell has no operator log, so its wall time is unknown (``None``).
+    """
+    if "wall_time_s" in summary:
+        return summary["wall_time_s"]
+    log = os.path.join(path, rd.OPERATOR)
+    if not os.path.exists(log):
+        return None
+    with open(log, encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    return next((line["wall_time_s"] for line in reversed(lines)
+                 if line.get("kind") == "summary" and "wall_time_s" in line), None)
+
+
 def run_row(path: str) -> dict[str, Any]:
     """One run as a row: grid point, utility, ε recomputed from its ledger, noise, traffic."""
     summary = _read(os.path.join(path, rd.SUMMARY))
@@ -61,11 +77,13 @@ def run_row(path: str) -> dict[str, Any]:
         "noise_norm_per_step": sigma * clip * math.sqrt(d),
         "test_accuracy": summary["test_accuracy"], "test_macro_f1": summary["test_macro_f1"],
         "test_loss": summary["test_loss"], "status": summary["status"],
-        "rounds": summary["rounds_completed"], "clients": len(summary["clients"]),
+        # Client-level runs keep Nᵢ operator-only: count clients from the config then.
+        "rounds": summary["rounds_completed"],
+        "clients": len(summary["clients"]) if "clients" in summary else config.get("clients"),
         "bytes_setup": summary["bytes_setup"], "bytes_up": summary["bytes_up"],
         "bytes_down": summary["bytes_down"],
         "bytes_total": summary["bytes_setup"] + summary["bytes_up"] + summary["bytes_down"],
-        "wall_time_s": summary["wall_time_s"],
+        "wall_time_s": _wall_time(path, summary),
         # the training budget, so cells run at different settings are never mistaken for peers
         "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
         "local_steps": config.get("local_steps"), "init": config.get("init"),
