@@ -35,22 +35,6 @@ def _read(path: str) -> Any:
         return json.load(fh)
 
 
-def _wall_time(path: str, summary: dict[str, Any]) -> float | None:
-    """A run's wall time: from its operator log (current runs) or its summary (older runs).
-
-    An archived cell has no operator log, so its wall time is unknown (``None``).
-    """
-    if "wall_time_s" in summary:
-        return summary["wall_time_s"]
-    log = os.path.join(path, rd.OPERATOR)
-    if not os.path.exists(log):
-        return None
-    with open(log, encoding="utf-8") as fh:
-        lines = [json.loads(line) for line in fh if line.strip()]
-    return next((line["wall_time_s"] for line in reversed(lines)
-                 if line.get("kind") == "summary" and "wall_time_s" in line), None)
-
-
 def run_row(path: str) -> dict[str, Any]:
     """One run as a row: grid point, utility, ε recomputed from its ledger, noise, traffic."""
     summary = _read(os.path.join(path, rd.SUMMARY))
@@ -83,7 +67,9 @@ def run_row(path: str) -> dict[str, Any]:
         "bytes_setup": summary["bytes_setup"], "bytes_up": summary["bytes_up"],
         "bytes_down": summary["bytes_down"],
         "bytes_total": summary["bytes_setup"] + summary["bytes_up"] + summary["bytes_down"],
-        "wall_time_s": _wall_time(path, summary),
+        # Older summaries carry it; current runs keep timings in the operator-only log,
+        # which an archive leaves out, so a results table never depends on it.
+        "wall_time_s": summary.get("wall_time_s"),
         # the training budget, so cells run at different settings are never mistaken for peers
         "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
         "local_steps": config.get("local_steps"), "init": config.get("init"),
