@@ -154,15 +154,20 @@ def _print_summary(result) -> None:
         per_client = ", ".join(f"{cid} {eps:.4f}"
                                for cid, eps in privacy["per_client_epsilon"].items())
         print(f"  per-client ε    {per_client}")
-        noise_name = "z (server)" if unit == "client" else "σ"
-        print(f"  noise {noise_name:10s}{s['noise_multiplier']:.4f}")
+        noise_name = "noise z (server)" if unit == "client" else "noise σ"
+        print(f"  {noise_name:15s} {s['noise_multiplier']:.4f}")
     print(f"  rounds          {s['rounds_completed']}/{s['rounds_planned']}")
     print(f"  communicated    setup {_format_bytes(s['bytes_setup'])}, uplink "
           f"{_format_bytes(s['bytes_up'])}, downlink {_format_bytes(s['bytes_down'])} "
           f"({s['trainable_parameters']:,} trainable parameters)")
     if s["seed_mode"] == "seeded":
         print("  seeded run: reproducible, so its noise is NOT a private release")
-    print(f"  wall time       {s['wall_time_s']:.0f} s")
+    if s.get("trust_model"):
+        print(f"  trusted         {s['trust_model']['trusted']}")
+    # Timings are operator-only (they track realised batch sizes), shown here, never published.
+    wall = result.operator.get("wall_time_s", s.get("wall_time_s"))
+    if wall is not None:
+        print(f"  wall time       {wall:.0f} s (operator-only, not in summary.json)")
 
 
 def _run_flower_sim(args: argparse.Namespace) -> int:

@@ -43,3 +43,15 @@ def test_poisson_cohort():
     assert poisson_cohort(ids, 1.0, _gen()) == ids
     with pytest.raises(ConfigError, match="participation=0"):
         poisson_cohort(ids, 0, _gen())
+
+
+def test_a_nonfinite_update_counts_as_zero():
+    # Before the server's noise a client's update is private: it may not stop the run.
+    global_state = {"a": torch.zeros(3, 3)}
+    good = {"a": torch.full((3, 3), 0.01)}
+    bad = {"a": torch.full((3, 3), float("nan"))}
+    with_bad = clipped_noisy_mean(global_state, [good, bad], clip_norm=1.0, noise_multiplier=0.0,
+                                  denominator=2.0, generator=_gen())
+    alone = clipped_noisy_mean(global_state, [good], clip_norm=1.0, noise_multiplier=0.0,
+                               denominator=2.0, generator=_gen())
+    torch.testing.assert_close(with_bad["a"], alone["a"])

@@ -20,7 +20,7 @@ from fedsb_dp.adapters import (
 )
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.federated.client import ClientUpdate
+from fedsb_dp.federated.client import ClientUpdate, NonFiniteUpdateError
 from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
 
 
@@ -109,9 +109,12 @@ def test_reply_validation():
         validate_update(_update(model, wrong_shape), global_state=global_state,
                         fingerprint=fp, expected_steps=5)
     nan = {**good.state, key: torch.full_like(good.state[key], float("nan"))}
-    with pytest.raises(ConfigError, match="non-finite"):
+    with pytest.raises(NonFiniteUpdateError, match="non-finite"):
         validate_update(_update(model, nan), global_state=global_state, fingerprint=fp,
                         expected_steps=5)
+    # Client-level: the update is not yet a release; the server's clipping zeroes it instead.
+    validate_update(_update(model, nan), global_state=global_state, fingerprint=fp,
+                    expected_steps=5, finite_required=False)
     with pytest.raises(ConfigError, match="ran 4 steps"):
         validate_update(_update(model, good.state, steps=4), global_state=global_state,
                         fingerprint=fp, expected_steps=5)

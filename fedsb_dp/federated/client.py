@@ -10,6 +10,11 @@ still step (noise only) and still count.
 A logical batch larger than ``max_physical_batch_size`` is processed in chunks whose clipped
 gradients Opacus accumulates before noising once, so memory is bounded without changing the
 mechanism.
+
+A record whose loss or per-example gradient is NaN/inf contributes a zero gradient (zeroed
+before clipping): its sensitivity stays within C and no single record can change the run's
+control flow (stop it, or skip a step). Only a non-finite *release* — a client's noised update —
+stops a run, and that is a function of released values.
 """
 
 from __future__ import annotations
@@ -36,8 +41,15 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "sgd")
 
 
-class NonFiniteLossError(FedSBError, FloatingPointError):
-    """A local step produced a NaN or infinite loss; the round's update is discarded."""
+class NonFiniteUpdateError(FedSBError, FloatingPointError):
+    """A client's update (after noise) holds NaN/inf values; the round is discarded.
+
+    The message may name the client: it is for the operator, never for a released file.
+    """
+
+
+#: The former name, from when a single non-finite loss stopped the run.
+NonFiniteLossError = NonFiniteUpdateError
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,34 @@ def poisson_indices(num_records: int, q: float, generator: torch.Generator) -> t
     return torch.nonzero(uniforms < q).flatten()
 
 
+def zero_nonfinite_examples(params: list[nn.Parameter]) -> int:
+    """Zero, in every parameter's ``grad_sample``, the rows of examples with a NaN/inf entry.
+
+    An example's gradient is judged jointly over all trainable tensors (the clipping unit), so
+    a zeroed example contributes exactly nothing. Must run before the optimizer clips.
+
+    Args:
+        params: The trainable parameters, each holding an Opacus ``grad_sample`` of shape
+            ``(batch, *p.shape)``.
+
+    Returns:
+        How many examples were zeroed (for the operator's log only: it is data-dependent).
+    """
+    samples = [p.grad_sample for p in params if isinstance(p.grad_sample, torch.Tensor)]
+    if not samples or samples[0].shape[0] == 0:
+        return 0
+    finite = torch.ones(samples[0].shape[0], dtype=torch.bool)
+    for sample in samples:
+        finite &= torch.isfinite(sample.reshape(sample.shape[0], -1)).all(dim=1)
+    bad = int((~finite).sum())
+    if bad:
+        for sample in samples:
+            # where() rather than multiplying by a 0/1 mask: 0 · inf would stay NaN.
+            sample.copy_(torch.where(finite.view(-1, *([1] * (sample.dim() - 1))),
+                                     sample, torch.zeros((), dtype=sample.dtype)))
+    return bad
+
+
 def _append_rows(params: list[nn.Parameter],
                  rows: Mapping[nn.Parameter, torch.Tensor]) -> None:
     """Append audit canaries' per-example gradient rows to every parameter's grad_sample."""
@@ -259,7 +299,6 @@ class DPClient:
             The client's update.
 
         Raises:
-            NonFiniteLossError: If a loss becomes NaN/inf (nothing is returned for the round).
             FedSBError: If a frozen tensor changed during training.
 
         """
@@ -285,12 +324,10 @@ class DPClient:
                     else:
                         batch = self.collate([self.dataset[int(i)] for i in chunk])
                         losses = example_losses(private_model, batch, task=self.task)
-                        if not torch.isfinite(losses).all():
-                            optimizer.zero_grad(set_to_none=True)
-                            raise NonFiniteLossError(
-                                f"client {self.client_id!r}: non-finite loss at local step {step}"
-                            )
                         losses.mean().backward()
+                        if zero_nonfinite_examples(params):
+                            logger.debug("client %s, step %d: non-finite example gradient(s) "
+                                         "zeroed before clipping", self.client_id, step)
                     if canary_gradients is not None and position == len(chunks) - 1:
                         _append_rows(params, canary_gradients(step))
                     optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)

@@ -54,14 +54,18 @@ class RunResult:
 
     Attributes:
         run_dir: Where everything was written.
-        status: ``"completed"``, ``"stopped-budget"`` or ``"interrupted"``.
+        status: ``"completed"``, ``"stopped-budget"``, ``"stopped-nonfinite"`` or
+            ``"interrupted"``.
         summary: The summary dictionary (ε recomputed from the saved ledger).
+        operator: Operator-only facts of the run (wall time, realised traffic; client-level:
+            Nᵢ), also in ``operator.jsonl`` and never in ``summary.json``.
 
     """
 
     run_dir: str
     status: str
     summary: dict[str, Any] = field(default_factory=dict)
+    operator: dict[str, Any] = field(default_factory=dict)
 
 
 def _prepare(config: RunConfig, *, partition_seed: int,
@@ -205,4 +209,5 @@ def run_federation(
     if export_peft:
         export_peft_adapter(protocol.model, os.path.join(config.out, "peft_adapter"),
                             base_model=protocol.prepared.resolved_path)
-    return RunResult(run_dir=config.out, status=summary["status"], summary=summary)
+    return RunResult(run_dir=config.out, status=summary["status"], summary=summary,
+                     operator=protocol.operator)

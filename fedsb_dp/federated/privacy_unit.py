@@ -26,6 +26,7 @@ from accounting.events import (
     NonPrivateDpEvent,
     PoissonSampledDpEvent,
 )
+from fedsb_dp.federated import release
 from fedsb_dp.federated.client import LocalTrainingConfig, sampling_probability
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
 from fedsb_dp.federated.run_config import RunConfig
@@ -80,6 +81,10 @@ class PrivacyUnit(ABC):
         """Fewest valid replies with which a round is aggregated."""
         return self.config.min_clients
 
+    #: Whether a reply is already a release, so a non-finite one must stop the run (when it
+    #: is not, the server clips it and a non-finite update contributes zero).
+    replies_are_releases: bool = True
+
     @abstractmethod
     def combine(self, method: FederatedMethod, model: torch.nn.Module,
                 global_state: Mapping[str, torch.Tensor],
@@ -87,9 +92,10 @@ class PrivacyUnit(ABC):
                 streams: RandomStreams, round_index: int, num_clients: int) -> Aggregate:
         """The server's aggregate of the valid replies."""
 
-    def summary(self) -> dict[str, Any]:
-        """What the run summary says about this unit."""
-        return {"privacy_unit": self.name}
+    def summary(self, engine: str) -> dict[str, Any]:
+        """What the run summary says about this unit: its name and who is trusted."""
+        return {"privacy_unit": self.name,
+                "trust_model": release.trust_model(self.name, engine=engine)}
 
 
 class RecordLevelDP(PrivacyUnit):
@@ -151,6 +157,7 @@ class ClientLevelDP(PrivacyUnit):
     """
 
     name = "client"
+    replies_are_releases = False
 
     def ledger_sizes(self, sizes: Mapping[str, int]) -> dict[str, int]:
         """One key for the whole population of clients."""
@@ -201,12 +208,6 @@ class ClientLevelDP(PrivacyUnit):
             noise_multiplier=sigma, denominator=self.config.participation * num_clients,
             generator=streams.torch("server-noise", round_index))
         return Aggregate(state=state, downlink=dict(state))
-
-    def summary(self) -> dict[str, Any]:
-        """Adds who is trusted with what."""
-        return {"privacy_unit": self.name,
-                "trust_model": "the server sees every client's raw update and adds the noise; "
-                               "clients and the public see only noised aggregates"}
 
 
 def privacy_unit(config: RunConfig) -> PrivacyUnit:

@@ -48,8 +48,14 @@ from accounting import (
 )
 from fedsb_dp.adapters import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import FedSBError
+from fedsb_dp.federated import release
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig, sampling_probability
+from fedsb_dp.federated.client import (
+    ClientUpdate,
+    LocalTrainingConfig,
+    NonFiniteUpdateError,
+    sampling_probability,
+)
 from fedsb_dp.federated.initialisation import init_events, init_record
 from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit
 from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
@@ -211,6 +217,7 @@ class RoundProtocol:
         self.out = config.out
         self.status = "running"
         self.message: str | None = None
+        self.operator: dict[str, Any] = {}
         self.started = time.time()
         self.guard = BudgetGuard(ledger, target_epsilon=config.epsilon if config.private
                                  else math.inf, delta=delta, accountant=config.accountant)
@@ -418,7 +425,8 @@ class RoundProtocol:
                              f"instructed {expected}")
         validate_update(reply, global_state=instruction.state,
                         fingerprint=instruction.fingerprint,
-                        expected_steps=instruction.local.local_steps)
+                        expected_steps=instruction.local.local_steps,
+                        finite_required=self.unit.replies_are_releases)
 
     def aggregate_round(self, ticket: RoundTicket,
                         replies: Mapping[str, ClientReply]) -> RoundOutcome:
@@ -448,6 +456,15 @@ class RoundProtocol:
                 continue
             try:
                 self._check(ticket.instructions[cid], reply, self.prepared.sizes)
+            except NonFiniteUpdateError as exc:
+                # A noised update gone to NaN/inf (a step size too large) will not recover:
+                # stop, with a released reason that names no client; details to the operator.
+                outcome.rejected[cid] = "non-finite noised update"
+                self.status, self.message = "stopped-nonfinite", release.NONFINITE_STOP_MESSAGE
+                release.append_operator(self.out, "stop", {
+                    "status": self.status, "detail": str(exc),
+                    "round": ticket.round_index + 1})
+                continue
             except FedSBError as exc:
                 outcome.rejected[cid] = str(exc)
                 logger.error("round %d: rejected the reply of %s: %s", ticket.round_index + 1,
@@ -479,7 +496,7 @@ class RoundProtocol:
 
     def _record(self, ticket: RoundTicket, outcome: RoundOutcome,
                 updates: Mapping[str, ClientUpdate]) -> None:
-        progress = self.progress
+        progress, config = self.progress, self.config
         outcome.bytes_up_by_client = {cid: payload_bytes(updates[cid].state)
                                       for cid in outcome.valid}
         outcome.bytes_down_by_client = {cid: progress["next_down_by_client"][cid]
@@ -509,14 +526,14 @@ class RoundProtocol:
                         bytes_down=progress["bytes_down"] + outcome.bytes_down)
         epsilon = (epsilon_report(self.path(rd.LEDGER), self.delta, self.config.accountant)
                    ["epsilon"] if self.config.private else math.inf)
-        rd.append_jsonl(self.path(rd.METRICS), {
+        release.write_round(self.out, {
             "round": ticket.round_index + 1, "participants": outcome.participants,
             "aggregated": outcome.aggregated, "valid": outcome.valid,
             "dropped": outcome.dropped, "rejected": outcome.rejected, **outcome.metrics,
             "epsilon": epsilon, "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down,
             "bytes_up_by_client": outcome.bytes_up_by_client,
             "bytes_down_by_client": outcome.bytes_down_by_client,
-            "elapsed_s": time.time() - self.started})
+            "elapsed_s": time.time() - self.started}, dp_level=config.dp_level)
         rd.write_json_atomic(self.path(rd.PROGRESS), progress)
         logger.info("round %d: validation accuracy %s, ε so far %.4g", ticket.round_index + 1,
                     outcome.metrics["validation_accuracy"], epsilon)
@@ -552,7 +569,7 @@ class RoundProtocol:
             "rounds_aggregated": progress["aggregated_rounds"],
             "rounds_failed": progress["failed_rounds"], "rounds_planned": config.rounds,
             "noise_multiplier": self.sigma, "privacy": eps, "target_epsilon": config.epsilon,
-            **self.unit.summary(),
+            **self.unit.summary(progress["engine"]),
             "bytes_setup": progress["bytes_setup"], "bytes_up": progress["bytes_up"],
             "bytes_down": progress["bytes_down"],
             "trainable_parameters": sum(p.numel() for p in model.parameters()
@@ -566,5 +583,14 @@ class RoundProtocol:
         summary.update(uncommitted_rounds=uncommitted_rounds(self.ledger),
                        message="; ".join(filter(None, [self.message, uncommitted_note(
                            self.ledger, self.out)])) or None)
+        summary, operator = release.split_record(summary, dp_level=config.dp_level)
+        if not self.unit.replies_are_releases:
+            # Realised traffic would reveal the secret cohorts: publish its expectation.
+            summary.update(bytes_basis="expected", **{
+                f"bytes_{way}": release.expected_traffic(
+                    progress["next_down_by_client"], participation=config.participation,
+                    rounds=progress["completed_rounds"]) for way in ("up", "down")})
+        release.append_operator(self.out, "summary", operator)
+        self.operator = operator
         rd.write_json_atomic(self.path(rd.SUMMARY), summary)
         return summary

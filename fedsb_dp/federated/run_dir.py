@@ -11,6 +11,8 @@ Layout::
     checkpoint.safetensors   the global trainable state after the last completed round
     final_adapter/     B, A, R̄, head of the finished run (+ merged/, peft/ on request)
     summary.json       the final report (ε recomputed from ledger.json)
+    operator.jsonl     operator-only: timings, realised cohorts, per-client traffic, stop
+                       details (never archived or published; see ``release.py``)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ INIT_ADAPTER = "init_adapter"
 CHECKPOINT = "checkpoint.safetensors"
 FINAL_ADAPTER = "final_adapter"
 SUMMARY = "summary.json"
+OPERATOR = "operator.jsonl"
 
 
 def write_json_atomic(path: str, data: Any) -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save
 
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.federated.client import ClientUpdate
+from fedsb_dp.federated.client import ClientUpdate, NonFiniteUpdateError
 
 
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -28,12 +28,23 @@ def validate_update(
     global_state: Mapping[str, torch.Tensor],
     fingerprint: str,
     expected_steps: int,
+    finite_required: bool = True,
 ) -> None:
     """Reject a reply whose keys, shapes, dtypes, values, factors or step count are wrong.
+
+    Args:
+        update: The client's reply.
+        global_state: The state the client started from (keys, shapes, dtypes).
+        fingerprint: The agreed frozen factors' fingerprint.
+        expected_steps: Local steps the plan asked for.
+        finite_required: Refuse NaN/inf values. Pass ``False`` when the update is not yet a
+            release (client-level DP: the server clips and noises it, and a non-finite update
+            then contributes zero), so no client's data can stop the run.
 
     Raises:
         AdapterMismatchError: The client trained against other frozen factors.
         ConfigError: Malformed state or an unexpected number of steps.
+        NonFiniteUpdateError: A NaN/inf value while ``finite_required``.
 
     """
     if update.fingerprint != fingerprint:
@@ -54,8 +65,9 @@ def validate_update(
                 f"client {update.client_id!r}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"expected {tuple(reference.shape)} {reference.dtype}"
             )
-        if not torch.isfinite(tensor).all():
-            raise ConfigError(f"client {update.client_id!r}: {name} has non-finite values")
+        if finite_required and not torch.isfinite(tensor).all():
+            raise NonFiniteUpdateError(f"client {update.client_id!r}: {name} has non-finite "
+                                       "values")
     if update.steps != expected_steps:
         raise ConfigError(
             f"client {update.client_id!r} ran {update.steps} steps, the plan has {expected_steps}"

@@ -61,11 +61,15 @@ def run_row(path: str) -> dict[str, Any]:
         "noise_norm_per_step": sigma * clip * math.sqrt(d),
         "test_accuracy": summary["test_accuracy"], "test_macro_f1": summary["test_macro_f1"],
         "test_loss": summary["test_loss"], "status": summary["status"],
-        "rounds": summary["rounds_completed"], "clients": len(summary["clients"]),
+        # Client-level runs keep Nᵢ operator-only: count clients from the config then.
+        "rounds": summary["rounds_completed"],
+        "clients": len(summary["clients"]) if "clients" in summary else config.get("clients"),
         "bytes_setup": summary["bytes_setup"], "bytes_up": summary["bytes_up"],
         "bytes_down": summary["bytes_down"],
         "bytes_total": summary["bytes_setup"] + summary["bytes_up"] + summary["bytes_down"],
-        "wall_time_s": summary["wall_time_s"],
+        # Older summaries carry it; current runs keep timings in the operator-only log,
+        # which an archive leaves out, so a results table never depends on it.
+        "wall_time_s": summary.get("wall_time_s"),
         # the training budget, so cells run at different settings are never mistaken for peers
         "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
         "local_steps": config.get("local_steps"), "init": config.get("init"),
