@@ -16,7 +16,7 @@ from fedsb_dp.adapters.inject import trainable_state
 from fedsb_dp.data import TokenizedDataset, make_collate
 from fedsb_dp.federated import release
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
-from fedsb_dp.federated.engine import run_federation
+from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.sweep.archive import archive_runs
 from fedsb_dp.sweep.results import run_row

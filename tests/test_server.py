@@ -21,7 +21,8 @@ from fedsb_dp.adapters import (
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
 from fedsb_dp.federated.client import ClientUpdate, NonFiniteUpdateError
-from fedsb_dp.federated.server import payload_bytes, validate_update, weighted_mean
+from fedsb_dp.federated.server import payload_bytes, validate_update
+from fedsb_dp.methods.mean import weighted_mean
 
 
 def _model(seed=0):
