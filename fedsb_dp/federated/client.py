@@ -188,7 +188,7 @@ def zero_nonfinite_examples(params: list[nn.Parameter]) -> int:
     samples = [p.grad_sample for p in params if isinstance(p.grad_sample, torch.Tensor)]
     if not samples or samples[0].shape[0] == 0:
         return 0
-    finite = torch.ones(samples[0].shape[0], dtype=torch.bool)
+    finite = torch.ones(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
     for sample in samples:
         finite &= torch.isfinite(sample.reshape(sample.shape[0], -1)).all(dim=1)
     bad = int((~finite).sum())
