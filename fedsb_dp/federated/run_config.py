@@ -41,7 +41,7 @@ class RunConfig:
 
     Two settings keep their short user-facing names and are translated once: ``delta`` is the
     δ the user asks for (``None``: the protocol picks one well below 1/N) and becomes the
-    ledger's ``target_delta`` in ``RoundProtocol.plan``; ``batch_size`` is the expected
+    ledger's ``target_delta`` in ``RoundProtocol.create``; ``batch_size`` is the expected
     Poisson batch size and becomes ``LocalTrainingConfig.expected_batch_size`` in
     ``privacy_unit.local_config``.
     """
