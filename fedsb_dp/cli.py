@@ -7,116 +7,36 @@ import logging
 import math
 import os
 import sys
-from typing import Any
 
+from fedsb_dp import __version__
 from fedsb_dp.console import quiet_expected_warnings
-from fedsb_dp.errors import FedSBError
-
-# Flag → (RunConfig field, type, help). Defaults come from RunConfig itself.
-_RUN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--epsilon", "epsilon", float, "privacy target ε for the whole run (required unless --no-dp)"),
-    ("--delta", "delta", float, "δ (default: well below 1/N_total)"),
-    ("--accountant", "accountant", str, "prv (default), pld or rdp"),
-    ("--clip", "max_grad_norm", float, "per-example clip norm C"),
-    ("--dp-level", "dp_level", str, "example (record-level, default) or client (whole clients: "
-     "server clips each update and adds noise; needs many clients)"),
-    ("--client-clip", "client_clip_norm", float, "client-level: clip norm S of one update"),
-    ("--method", "method", str, "fedsb (default), fedit, ffa-lora, fedex-lora, flora, "
-     "central-lora or central-sb (pooled-data references)"),
-    ("--partition", "partition", str, "iid (default), dirichlet:<alpha> (label skew) or "
-     "quantity:<beta> (size skew)"),
-    ("--model", "model", str,
-     "hub id, local directory, 'minilm' (offline default) or 'mpnet' (offline, opt-in install)"),
-    ("--rank", "rank", int, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)"),
-    ("--lora-scaling", "lora_scaling", float, "s = alpha / r of the LoRA baselines"),
-    ("--pooling", "pooling", str, "what the classifier reads: auto (default: mean for "
-     "sentence-transformers checkpoints), cls or mean"),
-    ("--init", "init", str, "w0-svd (default), random-orthonormal or gradient-svd"),
-    ("--init-source", "init_source", str, "gradient-svd data: dp (default), public "
-     "(needs --init-data), nonprivate"),
-    ("--init-examples", "init_examples", int, "gradient-svd: expected records per client "
-     "(source dp: each record sampled with probability this / N_i) or public records used"),
-    ("--init-data", "init_data", str, "public dataset for --init-source public (file or hub "
-     "id; never the training data)"),
-    ("--init-text-column", "init_text_column", str, "text column of --init-data"),
-    ("--init-text-pair-column", "init_text_pair_column", str, "second text column of "
-     "--init-data"),
-    ("--init-label-column", "init_label_column", str, "label column of --init-data"),
-    ("--init-noise-multiplier", "init_noise_multiplier", float, "σ_init for --init-source dp"),
-    ("--init-clip", "init_clip_norm", float, "C_init for --init-source dp"),
-    ("--dataset", "dataset", str, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet file, or a "
-     "hub dataset name"),
-    ("--text-column", "text_column", str, "text column"),
-    ("--text-pair-column", "text_pair_column", str, "second text column (NLI pairs)"),
-    ("--label-column", "label_column", str, "label column"),
-    ("--max-length", "max_length", int, "tokens per example"),
-    ("--max-train-records", "max_train_records", int, "use only this many training records"),
-    ("--max-eval-records", "max_eval_records", int, "evaluate on at most this many records"),
-    ("--clients", "clients", int, "number of clients"),
-    ("--rounds", "rounds", int, "federated rounds"),
-    ("--local-steps", "local_steps", int, "DP-SGD steps per client per round"),
-    ("--batch-size", "batch_size", int, "expected (Poisson) batch size"),
-    ("--max-physical-batch-size", "max_physical_batch_size", int, "memory cap per chunk"),
-    ("--lr", "learning_rate", float, "AdamW learning rate (default: the method's tuned one)"),
-    ("--optimizer", "optimizer", str, "adamw (default) or sgd"),
-    ("--participation", "participation", float, "fraction of clients per round"),
-    ("--min-clients", "min_clients", int, "fewest clients in a round"),
-    ("--seed", "seed", int, "root seed: reproducible run, DP noise then NOT a private release"),
-    ("--out", "out", str, "run directory (default: runs/run-<timestamp>)"),
-]
-_RUN_SWITCHES: list[tuple[str, str, str]] = [
-    ("--no-dp", "no_dp", "train without differential privacy (ε = ∞)"),
-    ("--allow-large-delta", "allow_large_delta", "accept δ ≥ 1/N (flagged in every report)"),
-    ("--allow-nonprivate-init", "allow_nonprivate_init", "permit --init-source nonprivate"),
-    ("--frozen-head", "train_head", "do not train the classification head"),
-    ("--train-pooler", "train_pooler", "also train a BERT-style pooler with the head (noised "
-     "and communicated like R)"),
-    ("--no-model-dropout", "model_dropout", "switch off the base model's dropout"),
-]
+from fedsb_dp.errors import FedSBError, SettingError
+from fedsb_dp.run_flags import add_run_flags, describe_error, values_from_args
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run", help="private federated Fed-SB fine-tuning",
+        usage="%(prog)s [--config FILE] [--resume DIR] [--engine ENGINE] [SETTINGS ...]",
         description="Run private federated Fed-SB fine-tuning (defaults: MiniLM, Rotten "
                     "Tomatoes, 3 IID clients, offline).")
-    parser.add_argument("--config", help="TOML file with run settings (flags override it)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file of run settings (flags override it)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    parser.add_argument("--targets", help="comma-separated target modules (default per model)")
-    parser.add_argument("--client-ranks", help="Fed-SB with rank-heterogeneous clients: one "
-                        "rank ≤ --rank per client, comma-separated")
     parser.add_argument("--export-merged", action="store_true", help="also save a merged model")
     parser.add_argument("--export-peft", action="store_true", help="also save a PEFT adapter")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--engine", choices=("inprocess", "flower-sim"), default="inprocess",
                         help="inprocess (default) or flower-sim: the Flower app on Flower's "
                         "simulation engine (needs the 'flower' extra; see docs/distributed.md)")
-    for flag, dest, kind, text in _RUN_FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    for flag, dest, text in _RUN_SWITCHES:
-        parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+    add_run_flags(parser)
     parser.set_defaults(func=_run)
 
 
 def _run_config(args: argparse.Namespace):
     from fedsb_dp.federated.run_config import RunConfig
 
-    values: dict[str, Any] = {}
-    for _, dest, _, _ in _RUN_FLAGS:
-        if getattr(args, dest) is not None:
-            values[dest] = getattr(args, dest)
-    for _, dest, _ in _RUN_SWITCHES:
-        if getattr(args, dest):
-            # Switches named after what they turn off store the negation.
-            values[dest] = dest not in ("train_head", "model_dropout")
-    if args.targets:
-        values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    if args.client_ranks:
-        try:
-            values["client_ranks"] = tuple(int(r) for r in args.client_ranks.split(","))
-        except ValueError:
-            raise ValueError(f"--client-ranks {args.client_ranks!r} must be comma-separated "
-                             "integers, one per client") from None
+    values = values_from_args(args)
     if args.config:
         return RunConfig.from_toml(args.config, **values)
     return RunConfig.from_dict(values)
@@ -218,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsb-dp",
         description="Differentially private federated fine-tuning with Fed-SB.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
@@ -229,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsb_dp.sweep.command import register as register_sweep
 
     register_sweep(subparsers)
+    for subparser in subparsers.choices.values():
+        # Also after the subcommand (`fedsb-dp run ... -v`); SUPPRESS keeps a -v given
+        # before the subcommand from being reset by the subparser's default.
+        subparser.add_argument("-v", "--verbose", action="store_true",
+                               default=argparse.SUPPRESS, help="log progress details")
     return parser
 
 
@@ -242,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_expected_warnings(transformers_reports=not args.verbose)
     try:
         return int(args.func(args) or 0)
+    except SettingError as exc:
+        print(f"fedsb-dp: error: {describe_error(exc, args)}", file=sys.stderr)
+        return 2
     except (FedSBError, ValueError) as exc:
         print(f"fedsb-dp: error: {exc}", file=sys.stderr)
         return 2

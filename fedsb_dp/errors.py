@@ -15,6 +15,33 @@ class ConfigError(FedSBError, ValueError):
     """A setting is out of its valid range or inconsistent with another."""
 
 
+class SettingError(ConfigError):
+    """One setting's value is outside its valid range.
+
+    It keeps the setting's name apart from the requirement, so that a front end can name the
+    setting as its user wrote it (``--clip 0 must be > 0`` rather than ``max_grad_norm=0``).
+
+    Attributes:
+        setting: The setting's name (a ``RunConfig`` field name, or a front end's key).
+        value: The bad value.
+        requirement: What the value must be (``"must be > 0"``).
+
+    """
+
+    def __init__(self, setting: str, value: object, requirement: str) -> None:
+        self.setting, self.value, self.requirement = setting, value, requirement
+        super().__init__(f"{setting}={value!r} {requirement}")
+
+    def __reduce__(self):
+        # Exceptions are rebuilt from their arguments when they cross a process boundary
+        # (sweep workers); the default would pass the message as the only argument.
+        return (type(self), (self.setting, self.value, self.requirement))
+
+    def named(self, shown: str) -> str:
+        """The message with the setting written as ``shown`` (``"--clip 0"``)."""
+        return f"{shown} {self.requirement}"
+
+
 class ModelStructureError(ConfigError):
     """The model does not have the layers or shapes an adapter setting needs."""
 

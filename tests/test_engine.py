@@ -209,6 +209,11 @@ def test_toml_config_equals_flags(tmp_path):
     toml.write_text('[run]\nepsilon = 2.0\nrank = 8\nclients = 4\ntargets = ["query"]\n')
     from_file = RunConfig.from_toml(str(toml), out="x")
     assert from_file == RunConfig(epsilon=2.0, rank=8, clients=4, targets=("query",), out="x")
+    from fedsb_dp.cli import _run_config, build_parser
+
+    flags = build_parser().parse_args(["run", "--epsilon", "2", "--rank", "8", "--clients", "4",
+                                       "--targets", "query", "--out", "x"])
+    assert _run_config(flags) == from_file
     toml.write_text("[run]\nepsilon = 2.0\nrnak = 8\n")
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['rnak'\]"):
         RunConfig.from_toml(str(toml))

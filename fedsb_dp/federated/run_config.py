@@ -6,15 +6,16 @@ import hashlib
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
 from fedsb_dp.data import DEFAULT_DATASET
-from fedsb_dp.errors import ConfigError
+from fedsb_dp.errors import ConfigError, SettingError
 from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.federated.partition import PartitionSpec
-from fedsb_dp.methods import method_class
+from fedsb_dp.federated.settings import check_type, setting, settings_of
+from fedsb_dp.methods import METHODS, method_class
 from fedsb_dp.models import DEFAULT_MODEL, POOLINGS
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
@@ -25,9 +26,10 @@ DP_LEVELS = ("example", "client")
 class RunConfig:
     """Everything that defines a run. Defaults give ``fedsb-dp run --epsilon 3``.
 
-    ``train_pooler=True`` also trains the pooler of BERT-style classifiers (the offline
-    MiniLM's pooler was never trained for classification), at the price of r²-scale → n²-scale
-    noised parameters (148k for MiniLM), so it is off by default.
+    Each field carries a :class:`~fedsb_dp.federated.settings.Setting` (help, unit, CLI
+    aliases) from which the CLI flags, the TOML keys, the ``sweep --set`` keys and the Flower
+    run config are generated: the field name is the setting's one name (hyphenated in flags
+    and the Flower config). ``fedsb-dp run --help`` lists them with their defaults.
 
     ``learning_rate`` defaults to the method's own (``FederatedMethod.default_learning_rate``,
     tuned under DP in docs/benchmarks.md); the resolved value is what config.json records.
@@ -37,115 +39,164 @@ class RunConfig:
     equally whatever its loss, which on imbalanced labels drives the classifier to the
     majority class with growing confidence (measured in docs/benchmarks.md).
 
-    Privacy: ``epsilon`` is the target for the whole run (init + all rounds); ``None`` means a
-    non-private run (σ = 0), which must be asked for with ``no_dp=True``. ``delta`` defaults to
-    a value well below 1/N_total.
+    Two settings keep their short user-facing names and are translated once: ``delta`` is the
+    δ the user asks for (``None``: the protocol picks one well below 1/N) and becomes the
+    ledger's ``target_delta`` in ``RoundProtocol.create``; ``batch_size`` is the expected
+    Poisson batch size and becomes ``LocalTrainingConfig.expected_batch_size`` in
+    ``privacy_unit.local_config``.
     """
 
     # privacy
-    epsilon: float | None = None
-    delta: float | None = None
-    no_dp: bool = False
-    allow_large_delta: bool = False
-    accountant: str = "prv"
-    dp_level: str = "example"
-    max_grad_norm: float = 3.0
-    client_clip_norm: float = 0.05
+    epsilon: float | None = setting(
+        None, "privacy target ε for the whole run (initialisation and every round)",
+        unset="none: required unless --no-dp")
+    delta: float | None = setting(
+        None, "δ of the (ε, δ) guarantee; recorded in the ledger as target_delta",
+        unset="well below 1/N, N = records (clients at --dp-level client)")
+    no_dp: bool = setting(False, "train without differential privacy (ε = ∞)")
+    allow_large_delta: bool = setting(False, "accept δ ≥ 1/N (flagged in every report)")
+    accountant: str = setting("prv", "privacy accountant; reports use its upper bound",
+                              choices=ACCOUNTANTS)
+    dp_level: str = setting(
+        "example", "privacy unit: example (one record of one client) or client (a whole "
+        "client: the server clips each update and adds noise; needs many clients)",
+        choices=DP_LEVELS)
+    max_grad_norm: float = setting(3.0, "per-example clip norm C of DP-SGD",
+                                   unit="(L2 norm)", aliases=("--clip",))
+    client_clip_norm: float = setting(
+        0.05, "--dp-level client: clip norm S of one client's update", unit="(L2 norm)",
+        aliases=("--client-clip",))
     # method and adapters
-    method: str = "fedsb"
-    model: str = DEFAULT_MODEL
-    rank: int = 16
-    lora_scaling: float = 2.0
-    client_ranks: tuple[int, ...] | None = None
-    targets: tuple[str, ...] | None = None
-    train_head: bool = True
-    train_pooler: bool = False
-    pooling: str = "auto"
-    adapter_dropout: float = 0.0
-    model_dropout: bool = True
-    init: str = "w0-svd"
-    init_source: str = "dp"
-    init_examples: int = 64
-    init_noise_multiplier: float = 8.0
-    init_clip_norm: float = 1.0
-    init_lr: float = 5e-4
-    allow_nonprivate_init: bool = False
-    init_data: str | None = None
-    init_text_column: str = "text"
-    init_text_pair_column: str | None = None
-    init_label_column: str = "label"
+    method: str = setting("fedsb", "federated method; central-lora and central-sb are "
+                          "pooled-data references", choices=tuple(METHODS))
+    model: str = setting(DEFAULT_MODEL, "hub id, local directory, 'minilm' (offline) or "
+                         "'mpnet' (offline, opt-in install)")
+    rank: int = setting(16, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)")
+    lora_scaling: float = setting(2.0, "s = alpha / r of the LoRA baselines")
+    client_ranks: tuple[int, ...] | None = setting(
+        None, "Fed-SB with rank-heterogeneous clients: one rank ≤ --rank per client, "
+        "comma-separated", unset="every client at --rank")
+    targets: tuple[str, ...] | None = setting(
+        None, "target modules, comma-separated", unset="per model")
+    train_head: bool = setting(True, "train the classification head",
+                               off_alias="--frozen-head")
+    train_pooler: bool = setting(
+        False, "also train a BERT-style pooler with the head (the offline MiniLM's pooler "
+        "was never trained for classification); noised and communicated like R, "
+        "n²-scale instead of r²-scale (148k parameters for MiniLM)")
+    pooling: str = setting("auto", "what the classifier reads (auto: mean for "
+                           "sentence-transformers checkpoints, else cls)", choices=POOLINGS)
+    adapter_dropout: float = setting(0.0, "dropout probability on the adapters' input")
+    model_dropout: bool = setting(True, "keep the base model's dropout on while training")
+    init: str = setting("w0-svd", "initialisation of the adapters' frozen factors",
+                        choices=INIT_METHODS)
+    init_source: str = setting(
+        "dp", "gradient-svd data: dp (a DP estimate from the clients), public (needs "
+        "--init-data) or nonprivate (ε = ∞, needs --allow-nonprivate-init)",
+        choices=GRADIENT_SOURCES)
+    init_examples: int = setting(
+        64, "gradient-svd: expected records per client (source dp: each sampled with "
+        "probability this / N_i) or public records used", unit="records")
+    init_noise_multiplier: float = setting(8.0, "noise multiplier σ_init of --init-source dp")
+    init_clip_norm: float = setting(1.0, "clip norm C_init of --init-source dp",
+                                    unit="(L2 norm)", aliases=("--init-clip",))
+    init_lr: float = setting(5e-4, "gradient-svd: step size of the approximated first "
+                             "Adam step (scales R⁰ only)")
+    allow_nonprivate_init: bool = setting(False, "permit --init-source nonprivate")
+    init_data: str | None = setting(
+        None, "public dataset of --init-source public (file or hub id; never the training "
+        "data)", unset="none")
+    init_text_column: str = setting("text", "text column of --init-data")
+    init_text_pair_column: str | None = setting(None, "second text column of --init-data",
+                                                unset="none")
+    init_label_column: str = setting("label", "label column of --init-data")
     # data
-    dataset: str = DEFAULT_DATASET
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    max_length: int = 64
-    max_train_records: int | None = None
-    max_eval_records: int | None = None
+    dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet "
+                           "file, or a hub dataset name")
+    text_column: str = setting("text", "text column")
+    text_pair_column: str | None = setting(None, "second text column (NLI pairs)",
+                                           unset="none")
+    label_column: str = setting("label", "label column")
+    max_length: int = setting(64, "length of one example", unit="tokens")
+    max_train_records: int | None = setting(None, "use only this many training records",
+                                            unit="records", unset="all")
+    max_eval_records: int | None = setting(None, "evaluate on at most this many records",
+                                           unit="records", unset="all")
     # federation
-    partition: str = "iid"
-    clients: int = 3
-    rounds: int = 3
-    local_steps: int = 10
-    batch_size: int = 64
-    max_physical_batch_size: int = 32
-    learning_rate: float | None = None
-    optimizer: str = "adamw"
-    participation: float = 1.0
-    min_clients: int = 1
+    partition: str = setting("iid", "iid, dirichlet:<alpha> (label skew) or quantity:<beta> "
+                             "(size skew)")
+    clients: int = setting(3, "number of clients", unit="clients")
+    rounds: int = setting(3, "federated rounds", unit="rounds")
+    local_steps: int = setting(10, "DP-SGD steps per client per round", unit="steps")
+    batch_size: int = setting(
+        64, "expected Poisson batch size b (each record sampled with probability b / N_i); "
+        "the clients' expected_batch_size", unit="records")
+    max_physical_batch_size: int = setting(32, "memory cap of one forward/backward chunk",
+                                           unit="records")
+    learning_rate: float | None = setting(None, "learning rate of the clients' optimizer",
+                                          aliases=("--lr",), unset="the method's tuned one")
+    optimizer: str = setting("adamw", "clients' optimizer", choices=OPTIMIZERS)
+    participation: float = setting(1.0, "fraction of clients sampled per round")
+    min_clients: int = setting(1, "fewest clients in a round")
     # run
-    seed: int | None = None
-    out: str | None = None
+    seed: int | None = setting(None, "root seed: a reproducible run whose DP noise is NOT a "
+                               "private release", unset="OS entropy")
+    out: str | None = setting(None, "run directory", unset="runs/run-<timestamp>")
 
     def __post_init__(self) -> None:
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.client_ranks is not None:
             object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
-        method_cls = method_class(self.method)[0]  # names the valid methods
+        # Each setting's own type and range first, so the error names what the user typed
+        # rather than a combination it happens to break.
+        for item in settings_of(RunConfig):
+            check_type(item, getattr(self, item.name))
+            if item.setting.choices is not None:
+                self._choice(item.name, item.setting.choices)
+        method_cls = method_class(self.method)[0]
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", method_cls.default_learning_rate)
-        PartitionSpec.parse(self.partition)  # names the valid kinds and ranges
+        try:
+            PartitionSpec.parse(self.partition)
+        except ConfigError as exc:  # its message names the valid kinds and ranges
+            reason = str(exc).removeprefix(f"partition={self.partition!r}: ")
+            raise SettingError("partition", self.partition, f"is not valid: {reason}") from None
         if not (self.lora_scaling > 0 and math.isfinite(self.lora_scaling)):
-            raise ConfigError(f"lora_scaling={self.lora_scaling} must be a finite number > 0")
+            raise SettingError("lora_scaling", self.lora_scaling, "must be a finite number > 0")
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise SettingError("epsilon", self.epsilon, "must be a finite number > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise SettingError("delta", self.delta, "must be in (0, 1)")
+        for name in ("rank", "clients", "rounds", "local_steps", "batch_size",
+                     "max_physical_batch_size", "max_length", "init_examples", "min_clients"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, getattr(self, name), "must be a positive integer")
+        for name in ("max_grad_norm", "client_clip_norm", "learning_rate", "init_clip_norm",
+                     "init_lr"):
+            if not getattr(self, name) > 0:
+                raise SettingError(name, getattr(self, name), "must be > 0")
+        if not self.init_noise_multiplier >= 0:
+            raise SettingError("init_noise_multiplier", self.init_noise_multiplier,
+                               "must be ≥ 0")
+        if not 0 < self.participation <= 1:
+            raise SettingError("participation", self.participation, "must be in (0, 1]")
+        if not 0 <= self.adapter_dropout < 1:
+            raise SettingError("adapter_dropout", self.adapter_dropout, "must be in [0, 1)")
+        for name in ("max_train_records", "max_eval_records"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingError(name, value, "must be ≥ 1")
+        # Then the combinations.
         if self.no_dp and self.epsilon is not None:
             raise ConfigError(
                 f"epsilon={self.epsilon} and no_dp=True contradict each other: drop one"
             )
-        if not self.no_dp:
-            if self.epsilon is None:
-                raise ConfigError("give a privacy target epsilon (e.g. 3), or no_dp=True")
-            if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-                raise ConfigError(f"epsilon={self.epsilon} must be a finite number > 0")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"delta={self.delta} must be in (0, 1)")
-        self._choice("accountant", ACCOUNTANTS)
-        self._choice("dp_level", DP_LEVELS)
-        self._choice("init", INIT_METHODS)
-        self._choice("init_source", GRADIENT_SOURCES)
-        self._choice("optimizer", OPTIMIZERS)
-        self._choice("pooling", POOLINGS)
-        for name in ("rank", "clients", "rounds", "local_steps", "batch_size",
-                     "max_physical_batch_size", "max_length", "init_examples", "min_clients"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("max_grad_norm", "client_clip_norm", "learning_rate", "init_clip_norm",
-                     "init_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        if not self.init_noise_multiplier >= 0:
-            raise ConfigError(f"init_noise_multiplier={self.init_noise_multiplier} must be ≥ 0")
-        if not 0 < self.participation <= 1:
-            raise ConfigError(f"participation={self.participation} must be in (0, 1]")
+        if not self.no_dp and self.epsilon is None:
+            raise ConfigError("give a privacy target epsilon (e.g. 3), or no_dp=True")
         if self.min_clients > self.clients:
-            raise ConfigError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
-        if not 0 <= self.adapter_dropout < 1:
-            raise ConfigError(f"adapter_dropout={self.adapter_dropout} must be in [0, 1)")
-        for name in ("max_train_records", "max_eval_records"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value} must be ≥ 1")
+            raise SettingError("min_clients", self.min_clients,
+                               f"exceeds clients={self.clients}")
         if self.init == "gradient-svd" and self.init_source == "nonprivate" and not (
             self.allow_nonprivate_init
         ):
@@ -218,7 +269,7 @@ class RunConfig:
 
     def _choice(self, name: str, options: tuple[str, ...]) -> None:
         if getattr(self, name) not in options:
-            raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {options}")
+            raise SettingError(name, getattr(self, name), f"is not one of {options}")
 
     @property
     def private(self) -> bool:
@@ -241,21 +292,36 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Build from a dictionary; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        normalised = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(normalised) - known)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**normalised)
+        return cls(**_known_settings(data))
 
     @classmethod
     def from_toml(cls, path: str, **overrides: Any) -> RunConfig:
-        """Read settings from a TOML file (a flat table, or a ``[run]`` table)."""
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path!r}: {exc}") from exc
-        data = data.get("run", data)
-        data.update(overrides)
-        return cls.from_dict(data)
+        """Read settings from a TOML file (a flat table, or a ``[run]`` table).
+
+        Keys are the field names; ``overrides`` (the command line's flags) win.
+        """
+        return cls.from_dict({**read_settings_file(path), **overrides})
+
+
+def _known_settings(data: dict[str, Any]) -> dict[str, Any]:
+    known = {item.name for item in settings_of(RunConfig)}
+    normalised = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+    return normalised
+
+
+def read_settings_file(path: str) -> dict[str, Any]:
+    """The run settings in a TOML file, by field name, not yet validated together.
+
+    Raises:
+        ConfigError: The file cannot be read or parsed, or has an unknown key.
+
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc}") from exc
+    return _known_settings(data.get("run", data))

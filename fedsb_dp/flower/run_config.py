@@ -1,9 +1,10 @@
 """Flower run config (flat ``key = value`` pairs) ↔ :class:`RunConfig` (no ``flwr`` import).
 
-Every :class:`RunConfig` field is a run-config key with ``-`` for ``_`` (``local-steps``);
-Flower values cannot be ``None``, so an empty string stands for "unset" in optional fields
-(``seed = ""`` is an OS-entropy run). ``targets`` is a comma-separated string. Keys that only
-the Flower server reads are in :class:`FlowerOptions`.
+Every :class:`RunConfig` setting is a run-config key: its name with ``-`` for ``_``
+(``local-steps``), generated from the same settings as the ``fedsb-dp run`` flags. Flower
+values cannot be ``None``, so an empty string stands for "unset" in optional settings
+(``seed = ""`` is an OS-entropy run); lists (``targets``, ``client-ranks``) are
+comma-separated strings. Keys that only the Flower server reads are in :class:`FlowerOptions`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedsb_dp.errors import ConfigError
+from fedsb_dp.errors import ConfigError, SettingError
 from fedsb_dp.federated.run_config import RunConfig
-
-#: Fields given as comma-separated strings in the Flower run config, and their item type.
-LIST_FIELDS = {"targets": str, "client_ranks": int}
+from fedsb_dp.federated.settings import parse_text, settings_of
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,34 @@ def _flower_key(name: str) -> str:
     return name.replace("_", "-")
 
 
+def run_values(user_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run settings (by field name) and the Flower options in a Flower run config.
+
+    Raises:
+        ConfigError: For unknown keys, or a value of the wrong type (named by its key).
+
+    """
+    option_names = {_flower_key(f.name): f.name for f in fields(FlowerOptions)}
+    run_items = {item.key: item for item in settings_of(RunConfig)}
+    unknown = sorted(set(user_config) - set(option_names) - set(run_items))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s) {unknown}; known: "
+                          f"{sorted(set(option_names) | set(run_items))}")
+    options = {option_names[k]: v for k, v in user_config.items() if k in option_names}
+    values: dict[str, Any] = {}
+    for key, value in user_config.items():
+        item = run_items.get(key)
+        if item is None:
+            continue
+        # Strings stand for what Flower's config values cannot hold: unset, lists.
+        if isinstance(value, str) and (item.kind.many or item.kind.base is not str or (
+                item.kind.optional and value == "")):
+            value = parse_text(item, value, shown=key)
+        if value is not None:
+            values[item.name] = value
+    return values, options
+
+
 def from_flower(user_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOptions]:
     """Build the run's settings from a Flower run config.
 
@@ -60,46 +87,30 @@ def from_flower(user_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerOption
         The :class:`RunConfig` and the Flower-only options.
 
     Raises:
-        ConfigError: For unknown keys or invalid values (named, with the valid range).
+        ConfigError: For unknown keys or invalid values (named by their run-config key, with
+            the valid range).
 
     """
-    option_names = {_flower_key(f.name): f.name for f in fields(FlowerOptions)}
-    run_names = {_flower_key(f.name): f.name for f in fields(RunConfig)}
-    unknown = sorted(set(user_config) - set(option_names) - set(run_names))
-    if unknown:
-        raise ConfigError(f"unknown run-config key(s) {unknown}; known: "
-                          f"{sorted(set(option_names) | set(run_names))}")
-    options = {option_names[k]: v for k, v in user_config.items() if k in option_names}
-    optional = {f.name for f in fields(RunConfig) if f.default is None}
-    values: dict[str, Any] = {}
-    for key, value in user_config.items():
-        if key not in run_names:
-            continue
-        name = run_names[key]
-        if name in optional and value == "":
-            continue
-        if name in LIST_FIELDS:
-            try:
-                value = tuple(LIST_FIELDS[name](t.strip()) for t in str(value).split(",")
-                              if t.strip())
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} must be a comma-separated list of "
-                                  f"{LIST_FIELDS[name].__name__}") from None
-        values[name] = value
+    values, options = run_values(user_config)
     if values.get("no_dp"):
         values.pop("epsilon", None)  # the pyproject default ε would contradict --no-dp
-    return RunConfig.from_dict(values), FlowerOptions(**options)
+    try:
+        config = RunConfig.from_dict(values)
+    except SettingError as exc:
+        raise SettingError(_flower_key(exc.setting), exc.value, exc.requirement) from None
+    return config, FlowerOptions(**options)
 
 
 def to_flower(config: RunConfig, options: FlowerOptions | None = None) -> dict[str, Any]:
     """The Flower run config that :func:`from_flower` maps back to ``config``."""
     out: dict[str, Any] = {}
-    for name, value in config.to_dict().items():
+    for item in settings_of(RunConfig):
+        value = getattr(config, item.name)
         if value is None:
             value = ""
-        elif name in LIST_FIELDS:
+        elif item.kind.many:
             value = ",".join(str(v) for v in value)
-        out[_flower_key(name)] = value
+        out[item.key] = value
     for f in fields(FlowerOptions):
         out[_flower_key(f.name)] = getattr(options or FlowerOptions(), f.name)
     return out

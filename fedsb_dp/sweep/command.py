@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.federated.settings import by_name, parse_text
 from fedsb_dp.sweep.spec import SweepSpec
 
 
@@ -20,11 +21,31 @@ def _list(text: str | None, kind=str) -> list[Any] | None:
         raise ConfigError(f"{text!r} must be a comma-separated list") from None
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def set_values(items: list[str]) -> dict[str, Any]:
+    """The run settings of ``--set KEY=VALUE`` items, by field name.
+
+    Keys are the :class:`RunConfig` field names (``-`` may stand for ``_``); each value is
+    read by its setting's own parser, as ``fedsb-dp run`` reads the flag's argument.
+
+    Raises:
+        ConfigError: An item without ``=``, an unknown key (the message lists the known
+            ones) or a value of the wrong type.
+
+    """
+    known = by_name(RunConfig)
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        if name not in known:
+            raise ConfigError(f"--set {key.strip()!r} is not a run setting; known: "
+                              f"{sorted(known)}")
+        value = parse_text(known[name], text, shown=f"--set {name}")
+        # A list is stored as a list so the spec's JSON form reads back equal.
+        values[name] = list(value) if isinstance(value, tuple) else value
+    return values
 
 
 def spec_from_args(args: argparse.Namespace) -> SweepSpec:
@@ -39,13 +60,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
         data["ranks"] = {"default": _list(args.ranks, int)}
     if args.fedsb_ranks is not None:
         data.setdefault("ranks", {})["fedsb"] = _list(args.fedsb_ranks, int)
-    base = dict(data.get("base", {}))
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} must look like key=value")
-        base[key.strip().replace("-", "_")] = _value(value.strip())
-    data["base"] = base
+    data["base"] = {**data.get("base", {}), **set_values(args.set or [])}
     return SweepSpec.from_dict(data)
 
 
@@ -104,7 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--partitions", help="e.g. iid,dirichlet:0.3")
     parser.add_argument("--seeds", help="e.g. 0,1,2")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="a run setting shared by every cell (repeatable)")
+                        help="a run setting shared by every cell (repeatable): KEY is its name "
+                             "as in 'fedsb-dp run --help' without '--' (max-grad-norm=1, "
+                             "targets=query,value)")
     parser.add_argument("--workers", type=int, default=1,
                         help="cells run at once in separate processes, sharing the cores "
                              "(default 1)")
