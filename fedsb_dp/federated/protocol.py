@@ -232,6 +232,7 @@ class RoundProtocol:
                partition_seed: int, init_seed: int,
                initialise: Callable[[torch.nn.Module], None] | None = None,
                partition: Mapping[str, Any] | None = None,
+               data_record: Mapping[str, Any] | None = None,
                public_init: Any = None) -> RoundProtocol:
         """Plan a new run and write its directory (nothing is released yet but the init).
 
@@ -245,6 +246,8 @@ class RoundProtocol:
                 any init event is in the saved ledger (it may read client data then).
                 ``None``: the driver already injected data-free adapters.
             partition: Operator-side partition diagnostics (``partition.json``).
+            data_record: Operator-side digest of the training data (``data.json``), which
+                a resume checks.
             public_init: The ``--init-data`` a public-source init reads (recorded).
 
         Raises:
@@ -279,6 +282,8 @@ class RoundProtocol:
             **rd.provenance(config.digest(), seeded=streams.seeded), "engine": engine})
         if partition is not None:
             rd.write_json_atomic(os.path.join(out, PARTITION), dict(partition))
+        if data_record is not None:
+            rd.write_json_atomic(os.path.join(out, rd.DATA), dict(data_record))
         ledger = PrivacyLedger(
             unit=config.dp_level, dataset_sizes=ledger_sizes, target_epsilon=config.epsilon,
             target_delta=delta, allow_large_delta=config.allow_large_delta,

@@ -6,7 +6,8 @@ the model and are what ``fedsb-dp archive`` keeps: ``config.json``, ``ledger.jso
 them may depend on private data except through a release the ledger charges for.
 **Operator-only** files stay on the machine that ran the federation: ``operator.jsonl``
 (timings, realised cohorts, per-client traffic, stop details), ``partition.json`` (exact
-per-client label counts), ``progress.json`` and the checkpoints.
+per-client label counts), ``data.json`` (a digest of the private rows), ``progress.json`` and
+the checkpoints.
 
 What must stay with the operator depends on the privacy unit:
 

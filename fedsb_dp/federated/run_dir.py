@@ -13,6 +13,7 @@ Layout::
     summary.json       the final report (ε recomputed from ledger.json)
     operator.jsonl     operator-only: timings, realised cohorts, per-client traffic, stop
                        details (never archived or published; see ``release.py``)
+    data.json          operator-only: digest of the rows trained on (``data_record.py``)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CHECKPOINT = "checkpoint.safetensors"
 FINAL_ADAPTER = "final_adapter"
 SUMMARY = "summary.json"
 OPERATOR = "operator.jsonl"
+DATA = "data.json"
 
 
 def write_json_atomic(path: str, data: Any) -> None:

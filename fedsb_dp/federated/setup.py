@@ -22,6 +22,7 @@ from fedsb_dp.adapters import (
     w0_svd_init,
 )
 from fedsb_dp.data import (
+    IN_MEMORY_DATASET,
     TextClassificationData,
     TokenizedDataset,
     load_text_classification,
@@ -51,10 +52,31 @@ def client_ids(config: RunConfig) -> list[str]:
     return [client_id(i) for i in range(config.clients)]
 
 
-def load_data(config: RunConfig, path: str | None = None) -> TextClassificationData:
-    """The run's dataset (or a node's own file at ``path``) with the configured columns."""
+def load_data(config: RunConfig, path: str | None = None, *,
+              data: Any = None) -> TextClassificationData:
+    """The run's dataset (or a node's own file at ``path``) with the configured columns.
+
+    Args:
+        config: The run's settings (columns, ``max_train_records``; ``dataset`` unless
+            ``path`` or ``data`` is given).
+        path: A Flower node's own file.
+        data: In-memory data (see :func:`fedsb_dp.data.load_text_classification`); the run's
+            ``dataset`` must then be :data:`~fedsb_dp.data.IN_MEMORY_DATASET`.
+
+    Raises:
+        ConfigError: If in-memory data and a dataset name are both given, or a run trained
+            on in-memory data is asked to read them back from its config.
+        fedsb_dp.errors.DataError: For data that cannot be used (see the loader).
+
+    """
+    if data is not None and config.dataset != IN_MEMORY_DATASET:
+        raise ConfigError(f"dataset={config.dataset!r} and in-memory data were both given; "
+                          f"give one (the in-memory run records dataset={IN_MEMORY_DATASET!r})")
+    if data is None and path is None and config.dataset == IN_MEMORY_DATASET:
+        raise ConfigError("this run trained on in-memory data, which its directory does not "
+                          "hold; pass the same data again: fedsb_dp.resume(run_dir, data=...)")
     return load_text_classification(
-        path or config.dataset, text_column=config.text_column,
+        data if data is not None else path or config.dataset, text_column=config.text_column,
         text_pair_column=config.text_pair_column, label_column=config.label_column,
         max_train_records=None if path else config.max_train_records,
     )
