@@ -85,7 +85,10 @@ def test_a_client_level_run_needs_the_nodes_consent(tmp_path):
     summary = run_server(FakeGrid(config.clients, state_dir=str(tmp_path / "nodes")), config,
                          FlowerOptions(round_timeout=60, node_wait_timeout=5))
     # Both nodes refused; the round's noise-only release is still charged and aggregated.
-    rows = _metrics(config.out)
+    # Who answered is operator-only under client-level DP (the cohort is secret).
+    rows = [json.loads(line) for line in open(os.path.join(config.out, "operator.jsonl"))
+            if json.loads(line)["kind"] == "round"]
+    assert "dropped" not in _metrics(config.out)[0]
     assert all("refuses client-level DP" in why for why in rows[0]["dropped"].values())
     assert rows[0]["valid"] == [] and summary["rounds_completed"] == 1
 

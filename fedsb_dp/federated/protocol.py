@@ -127,6 +127,7 @@ class RoundTicket:
     token: str
     global_state: dict[str, torch.Tensor]
     base: dict[str, torch.Tensor] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
     downlink: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -465,10 +466,12 @@ class RoundProtocol:
                 # A noised update gone to NaN/inf (a step size too large) will not recover:
                 # stop, with a released reason that names no client; details to the operator.
                 outcome.rejected[cid] = "non-finite noised update"
-                self.status, self.message = "stopped-nonfinite", release.NONFINITE_STOP_MESSAGE
-                release.append_operator(self.out, "stop", {
-                    "status": self.status, "detail": str(exc),
-                    "round": ticket.round_index + 1})
+                if self.status != "stopped-nonfinite":
+                    self.status = "stopped-nonfinite"
+                    self.message = release.NONFINITE_STOP_MESSAGE
+                    release.append_operator(self.out, "stop", {
+                        "status": self.status, "detail": str(exc),
+                        "round": ticket.round_index + 1})
                 continue
             except FedSBError as exc:
                 outcome.rejected[cid] = str(exc)
@@ -538,6 +541,7 @@ class RoundProtocol:
             "epsilon": epsilon, "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down,
             "bytes_up_by_client": outcome.bytes_up_by_client,
             "bytes_down_by_client": outcome.bytes_down_by_client,
+            "round_time_s": time.time() - ticket.started,
             "elapsed_s": time.time() - self.started}, dp_level=config.dp_level)
         rd.write_json_atomic(self.path(rd.PROGRESS), progress)
         logger.info("round %d: validation accuracy %s, ε so far %.4g", ticket.round_index + 1,
