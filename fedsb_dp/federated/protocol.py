@@ -4,7 +4,8 @@ Order of operations (each release is in the ledger before its noise exists):
 
 1. :meth:`RoundProtocol.create` checks δ < 1/N and every qᵢ ≤ 1, calibrates σ once for the
    whole plan (init events + every round × local steps) so the max-over-clients ε meets the
-   target, writes ``config.json``, ``provenance.json`` and the ledger, records any
+   target, writes ``config.json``, ``provenance.json`` and the ledger (with the plan σ was
+   calibrated for, from the privacy unit, so an audit needs the ledger alone), records any
    data-dependent init event, injects the agreed adapters and saves them (``init_adapter/``,
    so a resume never re-runs the init).
 2. :meth:`RoundProtocol.configure_round` picks the participants, asks the budget guard to
