@@ -13,7 +13,7 @@ their counts, so a 1000-round ledger stays small. ``pending`` holds reservations
 written down *before* their noise is drawn. They count exactly like entries, so a crash between
 reservation and commit leaves the round charged.
 
-``metadata["plan"]``, when present, is the plan the run was calibrated for
+``metadata["recorded_plan"]``, when present, is the plan the run was calibrated for
 (:class:`accounting.plan.RecordedPlan`, its own format tag ``fedsb-dp/plan/v1``): it must agree
 with the header (unit, keys, targets) and never changes once saved. The body's shape is the
 same with or without it, so ledgers written before plans were recorded still load (their
@@ -43,7 +43,7 @@ from accounting.events import (
     SelfComposedDpEvent,
     event_from_dict,
 )
-from accounting.plan import RecordedPlan
+from accounting.plan import PLAN_KEY, RecordedPlan
 
 SCHEMA = "fedsb-dp/ledger/v1"
 UNITS = ("example", "client")
@@ -68,8 +68,9 @@ class PrivacyLedger:
         target_delta: δ, checked against 1/N_total for the example unit.
         allow_large_delta: Accept δ ≥ 1/N_total (flagged as ``large_delta`` in the ledger).
         metadata: JSON-safe facts about the run (seed mode, mechanism settings…); a
-            ``"plan"`` entry must be a valid plan dictionary.
-        plan: The plan the run was calibrated for, stored as ``metadata["plan"]``.
+            ``"recorded_plan"`` entry must be a valid plan dictionary. (A node's ledger
+            keeps the server's announced plan under ``"plan"``: another format, not read here.)
+        plan: The plan the run was calibrated for, stored as ``metadata["recorded_plan"]``.
 
     Raises:
         AccountingError: For a bad header value, or a plan that disagrees with the header.
@@ -112,12 +113,12 @@ class PrivacyLedger:
             "pending": [],
         }
         if plan is not None:
-            self._body["metadata"]["plan"] = plan.to_dict()
+            self._body["metadata"][PLAN_KEY] = plan.to_dict()
         self._plan = self._read_plan()
 
     def _read_plan(self) -> RecordedPlan | None:
-        """Parse ``metadata["plan"]`` and check it against the header."""
-        data = self._body["metadata"].get("plan")
+        """Parse ``metadata["recorded_plan"]`` and check it against the header."""
+        data = self._body["metadata"].get(PLAN_KEY)
         if data is None:
             return None
         plan = RecordedPlan.from_dict(data)
@@ -363,7 +364,7 @@ class PrivacyLedger:
                 raise LedgerIntegrityError(
                     f"ledger header {key!r} changed from {old._body[key]!r} to "
                     f"{self._body[key]!r}; ledgers are append-only")
-        if old._body["metadata"].get("plan") != self._body["metadata"].get("plan"):
+        if old._body["metadata"].get(PLAN_KEY) != self._body["metadata"].get(PLAN_KEY):
             raise LedgerIntegrityError("the ledger's recorded plan changed; a plan is fixed "
                                        "before the first release")
         for cid in old.clients:

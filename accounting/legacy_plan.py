@@ -1,7 +1,7 @@
 """A stand-in plan for ledgers written before runs recorded their plan.
 
 Ledgers of ``fedsb-dp/ledger/v1`` written before the plan existed carry no
-``metadata["plan"]``. For those only, the audit rebuilds the plan from the run's
+``metadata["recorded_plan"]``. For those only, the audit rebuilds the plan from the run's
 ``config.json`` settings, the one place outside the ledger where the old code kept them. The
 settings names read here are frozen: they describe runs already on disk, so this module never
 follows later changes to the run settings, and new runs never reach it.

@@ -1,6 +1,7 @@
 """The plan a run was calibrated for, as its ledger records it.
 
-A run's server writes the plan into the ledger's metadata (key ``"plan"``) before anything is
+A run's server writes the plan into the ledger's metadata (key ``"recorded_plan"``; a node's
+own ledger keeps the server's announced instruction plan under ``"plan"``) before anything is
 released, so an auditor can compare what happened (the ledger's events) with what was
 announced (the plan) from the ledger alone. On disk::
 
@@ -36,6 +37,7 @@ from accounting.errors import AccountingError
 from accounting.events import DpEvent, event_from_dict
 
 PLAN_FORMAT = "fedsb-dp/plan/v1"
+PLAN_KEY = "recorded_plan"  # where a ledger's metadata keeps it
 RULES = ("all", "seeded-sample", "poisson-cohort")
 _FIELDS = ("format", "unit", "rounds", "local_steps", "sampling_probabilities",
            "noise_multiplier", "clip_norm", "accountant", "target_epsilon", "target_delta",
@@ -191,4 +193,4 @@ class RecordedPlan:
             init=data["init"], participation=data["participation"])
 
 
-__all__ = ["PLAN_FORMAT", "RULES", "RecordedPlan"]
+__all__ = ["PLAN_FORMAT", "PLAN_KEY", "RULES", "RecordedPlan"]

@@ -263,7 +263,7 @@ def test_plan_round_trips_through_the_saved_ledger(tmp_path):
     ledger.save(path)
     loaded = PrivacyLedger.load(path)
     assert loaded.plan == _plan()
-    assert loaded.metadata["plan"]["format"] == "fedsb-dp/plan/v1"
+    assert loaded.metadata["recorded_plan"]["format"] == "fedsb-dp/plan/v1"
     assert json.load(open(path))["schema"] == "fedsb-dp/ledger/v1"  # same container
     # The calibration plan it describes: init + every round × local steps.
     assert loaded.plan.federated_plan().client_event("a", 1.0) == ComposedDpEvent((
@@ -272,7 +272,8 @@ def test_plan_round_trips_through_the_saved_ledger(tmp_path):
 
 def test_ledger_without_a_plan_still_loads(tmp_path):
     path = str(tmp_path / "ledger.json")
-    _ledger(metadata={"seed_mode": "os-entropy"}).save(path)
+    # A node's ledger keeps the server's announced plan under "plan": not a recorded plan.
+    _ledger(metadata={"seed_mode": "os-entropy", "plan": {"rounds": 3}}).save(path)
     assert PrivacyLedger.load(path).plan is None
 
 
@@ -307,7 +308,7 @@ def test_edited_or_changed_plan_is_refused(tmp_path):
     with pytest.raises(LedgerIntegrityError, match="recorded plan changed"):
         _ledger(plan=_plan(noise_multiplier=0.5)).save(path)
     document = json.load(open(path))
-    document["body"]["metadata"]["plan"]["format"] = "fedsb-dp/plan/v0"
+    document["body"]["metadata"]["recorded_plan"]["format"] = "fedsb-dp/plan/v0"
     (tmp_path / "edited.json").write_text(json.dumps(document))
     with pytest.raises(LedgerIntegrityError, match="sha256"):
         PrivacyLedger.load(str(tmp_path / "edited.json"))

@@ -460,7 +460,7 @@ def test_plan_whose_init_events_are_not_its_init_record_fails(tmp_path):
     ledger = PrivacyLedger.load(os.path.join(path, "ledger.json"))
     body = ledger.to_json_dict()["body"]
     metadata = body["metadata"]
-    metadata["plan"]["init"] = INIT_META["dp"]  # a DP init that the plan charges nobody for
+    metadata["recorded_plan"]["init"] = INIT_META["dp"]  # a DP init the plan charges nobody
     rewritten = PrivacyLedger(unit="example", dataset_sizes=body["dataset_sizes"],
                               target_epsilon=3.0, target_delta=1e-5, metadata=metadata)
     for entry in body["entries"]:
