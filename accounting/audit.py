@@ -375,7 +375,7 @@ def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
         checks.append(_init_check(plan, ledger))
     checks.append(_invariant_check(rows))
     checks.extend(_claim_checks(ledger, privacy, rows, federation, plan))
-    return _finish(path, checks, table, federation,
+    return _finish(path, checks, table, federation, unit=ledger.unit,
                    note=PREDATES_PLAN if plan is not None and ledger.plan is None else None)
 
 
@@ -623,12 +623,13 @@ def _claim_checks(ledger: PrivacyLedger, privacy: dict[str, Any], rows: list[dic
 
 
 def _finish(path: str, checks: list[Check], table: Any, federation: dict[str, float],
-            note: str | None = None) -> AuditReport:
+            note: str | None = None, unit: str = "example") -> AuditReport:
     failed = [c for c in checks if not c[1]]
     if not failed:
         worst = federation.get("prv_upper", federation.get("pld"))
         verdict = (f"PASS: the ledger is intact and every check holds; the run is "
-                   f"(ε = {_fmt(worst)}, δ)-DP per record as recomputed independently.")
+                   f"(ε = {_fmt(worst)}, δ)-DP per {'client' if unit == 'client' else 'record'} as "
+                   "recomputed independently.")
     else:
         names = ", ".join(c[0] for c in failed)
         verdict = (f"FAIL ({len(failed)} of {len(checks)} checks): {names}. "

@@ -433,6 +433,7 @@ def test_run_with_a_recorded_plan_passes(tmp_path, unit):
     assert report.passed, report.format()
     _, ok, detail = _check(report, "recorded plan")
     assert ok and "fedsb-dp/plan/v1" in detail and "predates" not in report.verdict
+    assert f"DP per {'client' if unit == 'client' else 'record'}" in report.verdict
     assert "step events match the plan" in [c[0] for c in report.checks]
 
 
