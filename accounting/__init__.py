@@ -40,12 +40,13 @@ from accounting.events import (
     event_from_dict,
 )
 from accounting.ledger import PrivacyLedger
+from accounting.plan import RecordedPlan
 
 __all__ = [
     "ACCOUNTANTS", "AccountingError", "BudgetExceededError", "BudgetGuard", "CalibrationResult",
     "ComposedDpEvent", "DeltaPolicyError", "DpEvent", "EpsilonResult", "FederatedPlan",
     "FederationResult", "GaussianDpEvent", "LedgerIntegrityError", "NoOpDpEvent",
-    "NonPrivateDpEvent", "PoissonSampledDpEvent", "PrivacyLedger",
+    "NonPrivateDpEvent", "PoissonSampledDpEvent", "PrivacyLedger", "RecordedPlan",
     "SampledWithoutReplacementDpEvent", "SelfComposedDpEvent", "calibrate",
     "calibrate_noise_multiplier", "check_delta", "compute_delta", "compute_epsilon",
     "default_delta", "epsilon_for_plan", "event_from_dict", "federation_epsilon",

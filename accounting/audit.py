@@ -1,22 +1,26 @@
 """Independent audit of a run (or sweep) directory, torch-free.
 
-:func:`audit_run` reads what ``fedsb_dp.federated.inprocess.run_federation`` wrote
-(``config.json``, ``ledger.json``, ``metrics.jsonl``, ``provenance.json``, ``summary.json``,
-``progress.json``), validates the ledger (schema and hash), the config digest and the provenance,
-recomputes every client's ε with the PRV bounds, PLD and RDP, checks
-PRV_lower ≤ PLD ≤ PRV_upper ≤ RDP, compares with the ε the run claimed, and flags releases that
-void or weaken the guarantee: non-private events (ε = ∞), δ ≥ 1/N, seeded (reproducible) noise,
-non-Poisson sampling, clients charged a different number of steps than planned, and an
-initialisation whose ledger charge does not match what the config says it read (a
-data-dependent gradient-SVD init must be charged ``PoissonSampled(n_init/N_i, Gaussian(σ_init))``
-per client; a ``public`` one must name its public data).
+:func:`audit_run` reads what the round protocol wrote (``ledger.json``, ``provenance.json``,
+``summary.json``, ``metrics.jsonl``, and of ``config.json`` only its stored digest), validates
+the ledger (schema and hash), recomputes every client's ε with the PRV bounds, PLD and RDP,
+checks PRV_lower ≤ PLD ≤ PRV_upper ≤ RDP, compares with the ε the run claimed, and compares
+the ledger's events with the **plan recorded in the ledger** (:class:`accounting.plan.
+RecordedPlan`: σ, qᵢ, local steps, rounds, participation rule, init events, clip norm, δ,
+target). It flags releases that void or weaken the guarantee: non-private events (ε = ∞),
+δ ≥ 1/N, seeded (reproducible) noise, non-Poisson sampling, step events whose σ or q is not
+the plan's, keys charged a different number of steps than rounds joined × local steps, and an
+initialisation whose charge is not the plan's (a data-dependent gradient-SVD init must be
+charged ``PoissonSampled(n_init/N_i, Gaussian(σ_init))`` once per client; a ``public`` one must
+name its public data with a digest).
+
+A ledger written before plans were recorded has none; its plan is then rebuilt from the old
+``config.json`` settings (:mod:`accounting.legacy_plan`) and the report says so.
 
 The result is an :class:`AuditReport` (checks, per-client ε table, plain-language verdict).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +37,8 @@ from accounting.events import (
     flatten,
 )
 from accounting.ledger import PrivacyLedger
+from accounting.legacy_plan import plan_from_settings
+from accounting.plan import PLAN_FORMAT, RecordedPlan
 
 RUN_FILES = ("config.json", "ledger.json", "metrics.jsonl", "provenance.json", "summary.json",
              "progress.json")
@@ -170,12 +176,6 @@ def _fmt(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.4f}"
 
 
-def _config_digest(settings: dict[str, Any]) -> str:
-    # Same canonical form as RunConfig.digest(): every setting except the output directory.
-    body = {k: v for k, v in settings.items() if k != "out"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def _leq(a: float | None, b: float | None) -> bool:
     """Whether a ≤ b up to the relative tolerance (missing values pass)."""
     if a is None or b is None:
@@ -255,23 +255,48 @@ def _client_rows(ledger: PrivacyLedger, claimed: dict[str, float], planned: dict
     return rows, federation
 
 
-def _planned_steps(run: RunDirectory, ledger: PrivacyLedger) -> dict[str, int]:
-    """Steps each client should have been charged: local steps × rounds it took part in."""
-    settings = run.settings
-    if ledger.unit == "client":
-        rounds = int(settings.get("rounds", 0))
-        return {cid: rounds for cid in ledger.clients}
-    local_steps = int(settings.get("local_steps", 0))
-    rounds = int(settings.get("rounds", 0))
-    if float(settings.get("participation", 1.0)) >= 1.0:
-        return {cid: local_steps * rounds for cid in ledger.clients}
-    # Partial participation: the participants of every round are in metrics.jsonl.
-    joined = {cid: 0 for cid in ledger.clients}
+def _plan_of(run: RunDirectory, ledger: PrivacyLedger) -> tuple[RecordedPlan | None, Check]:
+    """The ledger's recorded plan or, for a ledger that predates it, the settings' stand-in."""
+    name = "recorded plan"
+    plan = ledger.plan
+    if plan is not None:
+        return plan, (name, True, f"the ledger records the plan ({PLAN_FORMAT}): {plan.unit}-"
+                                  f"level, {plan.rounds} rounds × {plan.local_steps} "
+                                  f"release(s), σ = {plan.noise_multiplier:.6g}, participation "
+                                  f"{plan.rule!r}")
+    sigma = ledger.metadata.get("noise_multiplier",
+                                (run.progress or {}).get("noise_multiplier"))
+    try:
+        plan = plan_from_settings(run.settings, ledger, sigma)
+    except AccountingError as exc:
+        return None, (name, False, f"the ledger predates the recorded plan and config.json "
+                                   f"cannot stand in for it: {exc}")
+    return plan, (name, True, f"NOTE: {PREDATES_PLAN}")
+
+
+#: What the report says about a ledger written before runs recorded their plan.
+PREDATES_PLAN = ("the ledger predates the recorded plan; the plan was rebuilt from "
+                 "config.json's settings and checked against the ledger's events")
+
+
+def _rounds_joined(run: RunDirectory, ledger: PrivacyLedger, plan: RecordedPlan,
+                   ) -> tuple[dict[str, int], int]:
+    """Ledger key → rounds it was charged for, and the rounds run (completed + reserved)."""
+    reserved = [item for item in ledger.to_json_dict()["body"]["pending"]
+                if item["kind"] == "dp-sgd"]
+    rounds_run = len(run.metrics) + len(reserved)
+    if plan.charges_every_round():
+        return {key: rounds_run for key in ledger.clients}, rounds_run
+    # A seeded sample: the released metrics name each completed round's participants.
+    joined = {key: 0 for key in ledger.clients}
     for line in run.metrics:
-        for cid in line.get("participants", []):
-            if cid in joined:
-                joined[cid] += 1
-    return {cid: local_steps * n for cid, n in joined.items()}
+        for key in line.get("participants", []):
+            if key in joined:
+                joined[key] += 1
+    for item in reserved:
+        for key in item["releases"]:
+            joined[key] += 1
+    return joined, rounds_run
 
 
 def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
@@ -299,12 +324,18 @@ def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
     checks.append(("ledger integrity", True,
                    f"schema and sha256 valid; unit={ledger.unit}, {len(ledger.clients)} clients, "
                    f"N_total={ledger.n_total}"))
-    checks.extend(_config_checks(run, ledger))
+    plan, plan_check = _plan_of(run, ledger)
+    checks.append(plan_check)
+    checks.extend(_provenance_checks(run, ledger))
     metadata = ledger.metadata
     summary = run.summary or {}
     privacy = summary.get("privacy") or {}
     claimed = {cid: float(v) for cid, v in (privacy.get("per_client_epsilon") or {}).items()}
-    planned = _planned_steps(run, ledger)
+    planned: dict[str, int] = {}
+    rounds_run = 0
+    if plan is not None:
+        joined, rounds_run = _rounds_joined(run, ledger, plan)
+        planned = {key: plan.local_steps * n for key, n in joined.items()}
     rows, federation = _client_rows(ledger, claimed, planned, eps_error)
     table = pd.DataFrame(rows)
 
@@ -313,7 +344,7 @@ def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
     checks.append(("private releases only", not nonprivate,
                    "no non-private release" if not nonprivate else
                    f"NON-PRIVATE release (ε = ∞) on {nonprivate}"))
-    # δ policy.
+    # δ policy (the plan's δ is the header's: the ledger refuses a plan that differs).
     delta, n_total = ledger.target_delta, ledger.n_total
     small = delta < 1 / n_total if ledger.unit == "example" else True
     checks.append(("delta < 1/N", small and not ledger.large_delta,
@@ -337,45 +368,30 @@ def audit_run(path: str, *, eps_error: float = 0.01) -> AuditReport:
                                              "NonPrivateDpEvent"})
     checks.append(("Poisson sampling", poisson,
                    f"sampling={sampling!r}, step events {sorted(dp_sgd_kinds)}"))
-    # Steps charged versus the plan.
-    off = {r["client"]: (r["steps"], r["planned_steps"]) for r in rows
-           if r["planned_steps"] is not None and r["steps"] != r["planned_steps"]}
-    checks.append(("steps match the plan", not off,
-                   "every client charged rounds × local steps" if not off else
-                   "charged ≠ planned (steps, planned): " + ", ".join(
-                       f"{c} {s}≠{p}" for c, (s, p) in off.items())))
-    checks.extend(_event_checks(run, ledger, rows))
-    checks.append(_init_check(run, ledger))
+    if plan is not None:
+        checks.append(_steps_check(plan, rows, rounds_run))
+        checks.append(_event_check(plan, ledger, rows))
+        checks.append(_metadata_check(plan, ledger))
+        checks.append(_init_check(plan, ledger))
     checks.append(_invariant_check(rows))
-    checks.extend(_claim_checks(ledger, privacy, rows, federation))
-    return _finish(path, checks, table, federation)
+    checks.extend(_claim_checks(ledger, privacy, rows, federation, plan))
+    return _finish(path, checks, table, federation, unit=ledger.unit,
+                   note=PREDATES_PLAN if plan is not None and ledger.plan is None else None)
 
 
-def _config_checks(run: RunDirectory, ledger: PrivacyLedger) -> list[Check]:
+def _provenance_checks(run: RunDirectory, ledger: PrivacyLedger) -> list[Check]:
+    """The config digest provenance names, the seed mode everywhere, the versions."""
     checks: list[Check] = []
-    settings = run.settings
-    if not settings:
-        return [("config", False, "config.json missing or empty")]
-    recorded = (run.config or {}).get("digest")
-    digest = _config_digest(settings)
-    problems = []
-    if recorded != digest:
-        problems.append(f"config digest {str(recorded)[:12]}… ≠ recomputed {digest[:12]}…")
     provenance = run.provenance or {}
-    if provenance.get("config_digest") != recorded:
-        problems.append("provenance names another config digest")
-    if settings.get("epsilon") != ledger.target_epsilon:
-        problems.append(f"config ε target {settings.get('epsilon')} ≠ ledger's "
-                        f"{ledger.target_epsilon}")
-    if settings.get("dp_level", "example") != ledger.unit:
-        problems.append(f"config dp_level {settings.get('dp_level')!r} ≠ ledger unit "
-                        f"{ledger.unit!r}")
-    meta_clip = ledger.metadata.get("max_grad_norm")
-    if meta_clip is not None and settings.get("max_grad_norm") != meta_clip:
-        problems.append(f"clip norm {settings.get('max_grad_norm')} ≠ ledger's {meta_clip}")
-    checks.append(("config", not problems,
-                   "digest, provenance and ledger agree" if not problems else
-                   "; ".join(problems)))
+    stored = (run.config or {}).get("digest")
+    named = provenance.get("config_digest")
+    # Compared as stored: the digest is the run's to define, the audit only checks that the
+    # provenance and config.json name the same settings.
+    same = stored is not None and named == stored
+    checks.append(("config", same,
+                   f"provenance and config.json name the same config digest {str(stored)[:12]}…"
+                   if same else f"config digest in config.json {str(stored)[:12]}… ≠ "
+                   f"provenance's {str(named)[:12]}…"))
     prov_seed = str(provenance.get("seed_mode", ""))
     meta_seed = ledger.metadata.get("seed_mode")
     consistent = (prov_seed.startswith("seeded") == (meta_seed == "seeded")
@@ -390,27 +406,59 @@ def _config_checks(run: RunDirectory, ledger: PrivacyLedger) -> list[Check]:
     return checks
 
 
-def _event_checks(run: RunDirectory, ledger: PrivacyLedger,
-                  rows: list[dict[str, Any]]) -> list[Check]:
-    """σ and q of every step event against the run's σ, batch size and N_i."""
-    if ledger.unit != "example":
-        return []
-    settings = run.settings
-    sigma = ledger.metadata.get("noise_multiplier",
-                                (run.progress or {}).get("noise_multiplier"))
-    batch = settings.get("batch_size")
+def _steps_check(plan: RecordedPlan, rows: list[dict[str, Any]], rounds_run: int) -> Check:
+    """Every key charged local steps × the rounds it joined, and no round beyond the plan."""
+    off = {r["client"]: (r["steps"], r["planned_steps"]) for r in rows
+           if r["planned_steps"] is not None and r["steps"] != r["planned_steps"]}
+    problems = [f"{c} {s}≠{p}" for c, (s, p) in off.items()]
+    detail = "charged ≠ planned (steps, planned): " + ", ".join(problems) if problems else ""
+    if rounds_run > plan.rounds:
+        detail = "; ".join(filter(None, [detail, f"{rounds_run} rounds run, the plan has "
+                                                  f"{plan.rounds}"]))
+    return ("steps match the plan", not detail,
+            detail or f"every key charged rounds joined × {plan.local_steps} local step(s) "
+                      f"({rounds_run} of {plan.rounds} planned rounds run)")
+
+
+def _event_check(plan: RecordedPlan, ledger: PrivacyLedger,
+                 rows: list[dict[str, Any]]) -> Check:
+    """σ and q of every training release against the plan's σ and qᵢ."""
     problems = []
     for row in rows:
         if row["non_private"] or row["steps"] == 0:
             continue
-        if sigma is not None and row["sigma"] is not None and not math.isclose(
-                row["sigma"], sigma, rel_tol=1e-9):
-            problems.append(f"{row['client']} σ {row['sigma']:.6g} ≠ run σ {sigma:.6g}")
-        if batch and row["q"] is not None and not math.isclose(
-                row["q"], batch / row["records"], rel_tol=1e-9):
-            problems.append(f"{row['client']} q {row['q']:.6g} ≠ b/N = {batch}/{row['records']}")
-    return [("step events match the run", not problems,
-             "σ and q = b/N_i as configured" if not problems else "; ".join(problems))]
+        key = row["client"]
+        _, sigmas, rates = _step_parameters(ledger, key)
+        off_sigma = sorted(s for s in sigmas
+                           if not math.isclose(s, plan.noise_multiplier, rel_tol=1e-9))
+        if off_sigma:
+            problems.append(f"{key} σ {', '.join(f'{s:.6g}' for s in off_sigma)} ≠ plan σ "
+                            f"{plan.noise_multiplier:.6g}")
+        q = plan.sampling_probabilities[key]
+        off_rate = sorted(r for r in rates if not math.isclose(r, q, rel_tol=1e-9))
+        if off_rate:
+            problems.append(f"{key} q {', '.join(f'{r:.6g}' for r in off_rate)} ≠ plan q "
+                            f"{q:.6g}")
+        elif not rates and q < 1:
+            problems.append(f"{key} steps are not subsampled; the plan's q is {q:.6g}")
+    return ("step events match the plan", not problems,
+            "σ and q of every training release as planned" if not problems
+            else "; ".join(problems))
+
+
+def _metadata_check(plan: RecordedPlan, ledger: PrivacyLedger) -> Check:
+    """The plan's σ and clip norm against the mechanism settings the ledger also records."""
+    metadata = ledger.metadata
+    problems = []
+    sigma = metadata.get("noise_multiplier")
+    if sigma is not None and not math.isclose(sigma, plan.noise_multiplier, rel_tol=1e-9):
+        problems.append(f"σ {plan.noise_multiplier} ≠ ledger's {sigma}")
+    clip = metadata.get("client_clip_norm" if plan.unit == "client" else "max_grad_norm")
+    if clip is not None and clip != plan.clip_norm:
+        problems.append(f"clip norm {plan.clip_norm} ≠ ledger's {clip}")
+    return ("plan matches the ledger metadata", not problems,
+            f"σ and clip norm {plan.clip_norm:g} as the ledger records them" if not problems
+            else "; ".join(problems))
 
 
 def _init_releases(ledger: PrivacyLedger) -> dict[str, list[tuple[Any, int]]]:
@@ -427,73 +475,88 @@ def _init_releases(ledger: PrivacyLedger) -> dict[str, list[tuple[Any, int]]]:
     return out
 
 
+def _event_text(event: Any) -> str:
+    if isinstance(event, PoissonSampledDpEvent) and isinstance(event.event, GaussianDpEvent):
+        return (f"PoissonSampled(q={event.sampling_probability:.6g}, "
+                f"Gaussian(σ={event.event.noise_multiplier:g}))")
+    return repr(event)
+
+
 def _describe(releases: list[tuple[Any, int]]) -> str:
     if not releases:
         return "no init charge"
-    return ", ".join(f"{count}× {event!r}" for event, count in releases)
+    return ", ".join(f"{count}× {_event_text(event)}" for event, count in releases)
 
 
-def _dp_init_problem(cid: str, releases: list[tuple[Any, int]], *, rate: float,
-                     sigma: float) -> str | None:
-    """Why one client's charge is not the DP init's SGM(n_init/N_i, σ_init), or None."""
-    if len(releases) == 1 and releases[0][1] == 1:
-        event = releases[0][0]
-        if (isinstance(event, PoissonSampledDpEvent)
-                and isinstance(event.event, GaussianDpEvent)
-                and math.isclose(event.sampling_probability, rate, rel_tol=1e-9)
-                and math.isclose(event.event.noise_multiplier, sigma, rel_tol=1e-9)):
-            return None
-    if any(isinstance(e, GaussianDpEvent) for e, _ in releases):
+def _charge_problem(cid: str, releases: list[tuple[Any, int]], expected: Any) -> str | None:
+    """Why one key's init charge is not the plan's (exactly once ``expected``), or None."""
+    if expected is None:
+        return None if not releases else (f"{cid}: init charged {_describe(releases)}, the "
+                                          "plan has no init release")
+    if len(releases) == 1 and releases[0][1] == 1 and releases[0][0] == expected:
+        return None
+    if isinstance(expected, PoissonSampledDpEvent) and any(
+            isinstance(e, GaussianDpEvent) for e, _ in releases):
         return (f"{cid}: OLD unsampled charge {_describe(releases)}: that init summed the "
                 "first n_init records, whose sensitivity is 2·C_init, not the C_init charged — "
                 "ε is understated; re-run with today's sampled DP init")
-    if not releases or all(type(e).__name__ == "NoOpDpEvent" for e, _ in releases):
-        return (f"{cid}: a data-dependent init (gradient-svd, source dp) with {_describe(releases)}"
-                f"; expected 1× PoissonSampled(q={rate:.6g}, Gaussian(σ={sigma:g}))")
-    return (f"{cid}: init charged {_describe(releases)}; expected 1× "
-            f"PoissonSampled(q=n_init/N_i={rate:.6g}, Gaussian(σ_init={sigma:g}))")
+    if not releases:
+        return (f"{cid}: the plan charges 1× {_event_text(expected)} for its init; the ledger "
+                "has no init charge")
+    return (f"{cid}: init charged {_describe(releases)}; the plan charges 1× "
+            f"{_event_text(expected)}")
 
 
-def _init_check(run: RunDirectory, ledger: PrivacyLedger) -> Check:
-    """The config's initialisation against the ledger's init events."""
-    name = "init matches the ledger"
-    settings = run.settings
-    init = settings.get("init", "w0-svd")
-    if init != "gradient-svd":
-        return (name, True, f"init={init!r} reads no record")
-    source = settings.get("init_source", "dp")
-    releases = _init_releases(ledger)
+def _init_plan_problems(plan: RecordedPlan, ledger: PrivacyLedger) -> tuple[list[str], str]:
+    """Whether the plan's init events are what its init record says it reads."""
+    init = plan.init
+    if init.get("method") != "gradient-svd":
+        return [], f"init={init.get('method')!r} reads no record"
+    source = init.get("source", "dp")
     if source == "public":
-        data = settings.get("init_data")
-        reference = (ledger.metadata.get("init") or {}).get("data") or {}
-        if not data:
-            return (name, False,
-                    "init_source='public' without an --init-data reference: the code that wrote "
-                    "this run computed the 'public' init from the clients' own records and "
-                    "charged nothing — those records have ε = ∞ for the init")
-        if reference.get("source") != data or not reference.get("records_sha256"):
-            return (name, False, f"init_data={data!r} but the ledger keeps no matching "
-                                 f"reference with a digest ({reference or 'none'})")
-        return (name, True, f"public init data {data!r} (records sha256 "
-                            f"{reference['records_sha256'][:12]}…), no client charged")
-    if ledger.unit != "example":
-        return (name, False, f"gradient-svd init with source {source!r} reads client records "
-                             f"(a record-level release) in a {ledger.unit}-level run")
-    sigma = settings.get("init_noise_multiplier")
+        reference = init.get("data") or {}
+        if not reference.get("source") or not reference.get("records_sha256"):
+            return [f"init_source='public' without an --init-data reference with a records "
+                    f"digest ({reference or 'none'}): the code that wrote this run computed the "
+                    "'public' init from the clients' own records and charged nothing — those "
+                    "records have ε = ∞ for the init"], ""
+        return [], (f"public init data {reference['source']!r} (records sha256 "
+                    f"{reference['records_sha256'][:12]}…), no client charged")
+    if plan.unit != "example":
+        return [f"gradient-svd init with source {source!r} reads client records (a "
+                f"record-level release) in a {plan.unit}-level run"], ""
+    sigma = init.get("noise_multiplier")
     if source == "nonprivate" or sigma == 0:
-        bad = [cid for cid, r in releases.items()
-               if not any(isinstance(e, NonPrivateDpEvent) for e, _ in r)]
-        return (name, not bad, "non-private init charged as NonPrivate (ε = ∞) to every client"
-                if not bad else f"non-private init not charged as NonPrivate to {bad}")
-    examples = settings.get("init_examples")
+        bad = [k for k in ledger.clients
+               if not isinstance(plan.init_events.get(k), NonPrivateDpEvent)]
+        return ([f"non-private init not planned as NonPrivate for {bad}"] if bad else [],
+                "non-private init charged as NonPrivate (ε = ∞) to every client")
+    examples = init.get("examples")
     if not isinstance(examples, int) or sigma is None:
-        return (name, False, "config lacks init_examples or init_noise_multiplier for the DP "
-                             "init")
-    problems = [p for cid in ledger.clients if (p := _dp_init_problem(
-        cid, releases[cid], rate=examples / ledger.dataset_sizes[cid], sigma=float(sigma)))]
-    return (name, not problems,
-            f"every client charged PoissonSampled(q = {examples}/N_i, Gaussian(σ_init = "
-            f"{sigma:g})) once" if not problems else "; ".join(problems))
+        return ["the init record lacks examples or noise_multiplier for the DP init"], ""
+    problems = []
+    for key, size in ledger.dataset_sizes.items():
+        planned = plan.init_events.get(key)
+        if not (isinstance(planned, PoissonSampledDpEvent)
+                and isinstance(planned.event, GaussianDpEvent)
+                and math.isclose(planned.sampling_probability, examples / size, rel_tol=1e-9)
+                and math.isclose(planned.event.noise_multiplier, sigma, rel_tol=1e-9)):
+            problems.append(f"{key}: a data-dependent init (gradient-svd, source dp) planned as "
+                            f"{_event_text(planned) if planned else 'no init charge'}; "
+                            f"expected PoissonSampled(q={examples / size:.6g}, "
+                            f"Gaussian(σ={sigma:g}))")
+    return problems, (f"every client charged PoissonSampled(q = {examples}/N_i, "
+                      f"Gaussian(σ_init = {sigma:g})) once")
+
+
+def _init_check(plan: RecordedPlan, ledger: PrivacyLedger) -> Check:
+    """The init record, the plan's init events and the ledger's init charges agree."""
+    problems, detail = _init_plan_problems(plan, ledger)
+    releases = _init_releases(ledger)
+    problems += [p for key in ledger.clients
+                 if (p := _charge_problem(key, releases[key], plan.init_events.get(key)))]
+    return ("init matches the ledger", not problems,
+            detail if not problems else "; ".join(problems))
 
 
 def _invariant_check(rows: list[dict[str, Any]]) -> Check:
@@ -517,15 +580,23 @@ def _invariant_check(rows: list[dict[str, Any]]) -> Check:
     return ("accountant invariants", not bad, detail)
 
 
+_COLUMN = {"prv": "prv_upper", "pld": "pld", "rdp": "rdp"}
+
+
+def _recomputed(federation: dict[str, float], rows: list[dict[str, Any]],
+                accountant: str) -> float | None:
+    if any(r["non_private"] for r in rows):
+        return math.inf
+    return federation.get(_COLUMN.get(accountant, "prv_upper"), federation.get("pld"))
+
+
 def _claim_checks(ledger: PrivacyLedger, privacy: dict[str, Any], rows: list[dict[str, Any]],
-                  federation: dict[str, float]) -> list[Check]:
+                  federation: dict[str, float], plan: RecordedPlan | None) -> list[Check]:
     checks: list[Check] = []
     claimed = privacy.get("epsilon")
     accountant = privacy.get("accountant", "prv")
-    key = {"prv": "prv_upper", "pld": "pld", "rdp": "rdp"}.get(accountant, "prv_upper")
-    recomputed = federation.get(key, federation.get("pld"))
-    if any(r["non_private"] for r in rows):
-        recomputed = math.inf
+    key = _COLUMN.get(accountant, "prv_upper")
+    recomputed = _recomputed(federation, rows, accountant)
     if claimed is None:
         checks.append(("claim matches recomputation", False, "summary.json has no privacy.epsilon"))
     else:
@@ -540,24 +611,31 @@ def _claim_checks(ledger: PrivacyLedger, privacy: dict[str, Any], rows: list[dic
                        f"claimed ε = {_fmt(claimed)}, recomputed ({accountant}) "
                        f"{_fmt(recomputed)}" + ("" if ok else " — the run UNDERSTATES ε")
                        + (f"; {'; '.join(per_client)}" if per_client else "")))
-    target = ledger.target_epsilon
-    if target is not None and recomputed is not None:
-        checks.append(("within target", _leq(recomputed, float(target)),
-                       f"recomputed ε = {_fmt(recomputed)}, target {target}"))
+    # The target as planned, with the accountant σ was calibrated and guarded with.
+    target = plan.target_epsilon if plan is not None else ledger.target_epsilon
+    planned_accountant = plan.accountant if plan is not None else accountant
+    against = _recomputed(federation, rows, planned_accountant)
+    if target is not None and against is not None:
+        checks.append(("within target", _leq(against, float(target)),
+                       f"recomputed ε = {_fmt(against)} ({planned_accountant}), target "
+                       f"{target}"))
     return checks
 
 
 def _finish(path: str, checks: list[Check], table: Any, federation: dict[str, float],
-            ) -> AuditReport:
+            note: str | None = None, unit: str = "example") -> AuditReport:
     failed = [c for c in checks if not c[1]]
     if not failed:
         worst = federation.get("prv_upper", federation.get("pld"))
         verdict = (f"PASS: the ledger is intact and every check holds; the run is "
-                   f"(ε = {_fmt(worst)}, δ)-DP per record as recomputed independently.")
+                   f"(ε = {_fmt(worst)}, δ)-DP per {'client' if unit == 'client' else 'record'} as "
+                   "recomputed independently.")
     else:
         names = ", ".join(c[0] for c in failed)
         verdict = (f"FAIL ({len(failed)} of {len(checks)} checks): {names}. "
                    "Do not rely on the run's stated guarantee until these are explained.")
+    if note:
+        verdict += f" Note: {note}."
     return AuditReport(path, checks, table, federation, verdict, not failed)
 
 

@@ -13,9 +13,16 @@ their counts, so a 1000-round ledger stays small. ``pending`` holds reservations
 written down *before* their noise is drawn. They count exactly like entries, so a crash between
 reservation and commit leaves the round charged.
 
+``metadata["recorded_plan"]``, when present, is the plan the run was calibrated for
+(:class:`accounting.plan.RecordedPlan`, its own format tag ``fedsb-dp/plan/v1``): it must agree
+with the header (unit, keys, targets) and never changes once saved. The body's shape is the
+same with or without it, so ledgers written before plans were recorded still load (their
+:attr:`PrivacyLedger.plan` is ``None``) and older readers still read newer ledgers.
+
 Saving is atomic (temp file, fsync, rename, fsync of the directory) and append-only: a save
-that would drop or shrink anything already on disk is refused. Loading checks the schema tag
-and the hash and parses events through a closed registry; nothing is imported or unpickled.
+that would drop or shrink anything already on disk, or change its plan, is refused. Loading
+checks the schema tag and the hash and parses events (the plan's included) through a closed
+registry; nothing is imported or unpickled.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from accounting.events import (
     SelfComposedDpEvent,
     event_from_dict,
 )
+from accounting.plan import PLAN_KEY, RecordedPlan
 
 SCHEMA = "fedsb-dp/ledger/v1"
 UNITS = ("example", "client")
@@ -59,7 +67,13 @@ class PrivacyLedger:
         target_epsilon: The run's budget, or ``None`` (non-private runs).
         target_delta: δ, checked against 1/N_total for the example unit.
         allow_large_delta: Accept δ ≥ 1/N_total (flagged as ``large_delta`` in the ledger).
-        metadata: JSON-safe facts about the run (seed mode, mechanism settings…).
+        metadata: JSON-safe facts about the run (seed mode, mechanism settings…); a
+            ``"recorded_plan"`` entry must be a valid plan dictionary. (A node's ledger
+            keeps the server's announced plan under ``"plan"``: another format, not read here.)
+        plan: The plan the run was calibrated for, stored as ``metadata["recorded_plan"]``.
+
+    Raises:
+        AccountingError: For a bad header value, or a plan that disagrees with the header.
     """
 
     def __init__(
@@ -71,6 +85,7 @@ class PrivacyLedger:
         target_delta: float,
         allow_large_delta: bool = False,
         metadata: dict[str, Any] | None = None,
+        plan: RecordedPlan | None = None,
     ) -> None:
         if unit not in UNITS:
             raise AccountingError(f"unit={unit!r} is not one of {UNITS}")
@@ -97,6 +112,32 @@ class PrivacyLedger:
             "entries": [],
             "pending": [],
         }
+        if plan is not None:
+            self._body["metadata"][PLAN_KEY] = plan.to_dict()
+        self._plan = self._read_plan()
+
+    def _read_plan(self) -> RecordedPlan | None:
+        """Parse ``metadata["recorded_plan"]`` and check it against the header."""
+        data = self._body["metadata"].get(PLAN_KEY)
+        if data is None:
+            return None
+        plan = RecordedPlan.from_dict(data)
+        header = self._body
+        problems = []
+        if plan.unit != header["unit"]:
+            problems.append(f"unit {plan.unit!r} ≠ ledger's {header['unit']!r}")
+        if set(plan.sampling_probabilities) != set(header["dataset_sizes"]):
+            problems.append(f"keys {sorted(plan.sampling_probabilities)} ≠ ledger's "
+                            f"{sorted(header['dataset_sizes'])}")
+        if plan.target_delta != header["target_delta"]:
+            problems.append(f"δ {plan.target_delta!r} ≠ ledger's {header['target_delta']!r}")
+        if plan.target_epsilon != header["target_epsilon"]:
+            problems.append(f"target ε {plan.target_epsilon!r} ≠ ledger's "
+                            f"{header['target_epsilon']!r}")
+        if problems:
+            raise AccountingError("the recorded plan disagrees with the ledger header: "
+                                  + "; ".join(problems))
+        return plan
 
     # ---------------------------------------------------------------- properties
     @property
@@ -138,6 +179,11 @@ class PrivacyLedger:
     def metadata(self) -> dict[str, Any]:
         """A copy of the run's metadata."""
         return copy.deepcopy(self._body["metadata"])
+
+    @property
+    def plan(self) -> RecordedPlan | None:
+        """The plan the run was calibrated for, or ``None`` for a ledger that predates it."""
+        return self._plan
 
     # ---------------------------------------------------------------- recording
     def _check_client(self, client_id: str) -> None:
@@ -318,6 +364,9 @@ class PrivacyLedger:
                 raise LedgerIntegrityError(
                     f"ledger header {key!r} changed from {old._body[key]!r} to "
                     f"{self._body[key]!r}; ledgers are append-only")
+        if old._body["metadata"].get(PLAN_KEY) != self._body["metadata"].get(PLAN_KEY):
+            raise LedgerIntegrityError("the ledger's recorded plan changed; a plan is fixed "
+                                       "before the first release")
         for cid in old.clients:
             before = [e for e in old._body["entries"] if e["client"] == cid]
             after = [e for e in self._body["entries"] if e["client"] == cid]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from accounting import PrivacyLedger, federation_epsilon
+from accounting.audit import audit_run
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
@@ -29,6 +30,23 @@ def _config(tmp_path, name="run", **overrides):
 
 def _steps_per_client(ledger: PrivacyLedger) -> dict[str, int]:
     return {cid: ledger.steps(cid) for cid in ledger.clients}
+
+
+def _audits_from_ledger_and_provenance(run_dir: str) -> None:
+    """The audit passes with config.json reduced to its digest: the ledger's plan suffices."""
+    path = os.path.join(run_dir, "config.json")
+    with open(path) as fh:
+        saved = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({"digest": saved["digest"]}, fh)
+    try:
+        report = audit_run(run_dir)
+    finally:
+        with open(path, "w") as fh:
+            json.dump(saved, fh)
+    assert report.passed, report.format()
+    assert "the ledger records the plan" in dict((n, d) for n, _, d in report.checks)[
+        "recorded plan"]
 
 
 def test_private_run_end_to_end(tmp_path):
@@ -54,6 +72,15 @@ def test_private_run_end_to_end(tmp_path):
     assert s["bytes_up"] > 0 and s["bytes_up"] == s["bytes_down"]
     assert s["trainable_parameters"] == 12 * 4 * 4 + 384 * 2 + 2
     assert 0.0 <= s["test_accuracy"] <= 1.0
+    # The ledger records the plan σ was calibrated for; the audit needs nothing else.
+    plan = ledger.plan
+    assert (plan.unit, plan.rounds, plan.local_steps) == ("example", 2, 2)
+    assert plan.noise_multiplier == s["noise_multiplier"]
+    assert plan.clip_norm == config.max_grad_norm
+    assert plan.sampling_probabilities == {c: 8 / n for c, n in s["clients"].items()}
+    assert plan.participation == {"rule": "all"} and plan.init_events == {}
+    assert (plan.target_epsilon, plan.target_delta) == (3.0, s["privacy"]["delta"])
+    _audits_from_ledger_and_provenance(out)
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_path):
@@ -112,6 +139,7 @@ def test_crash_inside_round_keeps_the_charge_and_guard_stops(tmp_path, monkeypat
     assert "round(s) 2 were charged in the ledger but never completed" in note
     assert "fedsb-dp run --config SETTINGS.toml --out NEW_DIR" in note
     assert note.startswith("round 2 would take ε to")  # the guard's own reason comes first
+    _audits_from_ledger_and_provenance(config.out)  # the reserved round 2 is planned steps
 
 
 def test_non_private_run_reports_infinite_epsilon(tmp_path):
@@ -233,6 +261,9 @@ def test_client_level_mode_accounting(tmp_path):
                                delta=result.summary["privacy"]["delta"])
     assert result.summary["privacy"]["epsilon"] == expected.epsilon <= 20.0
     assert result.summary["privacy"]["delta"] < 1 / 3  # below 1/#clients
+    assert ledger.plan.sampling_probabilities == {"federation": 1.0}
+    assert ledger.plan.participation == {"rule": "poisson-cohort", "probability": 1.0}
+    _audits_from_ledger_and_provenance(result.run_dir)
 
 
 def test_client_level_refuses_record_level_init(tmp_path):

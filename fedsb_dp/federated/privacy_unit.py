@@ -26,6 +26,7 @@ from accounting.events import (
     NonPrivateDpEvent,
     PoissonSampledDpEvent,
 )
+from accounting.plan import RecordedPlan
 from fedsb_dp.federated import release
 from fedsb_dp.federated.client import LocalTrainingConfig, sampling_probability
 from fedsb_dp.federated.client_level import clipped_noisy_mean, poisson_cohort
@@ -61,6 +62,33 @@ class PrivacyUnit(ABC):
     @abstractmethod
     def plan(self, sizes: Mapping[str, int], init_events: Mapping[str, DpEvent]) -> FederatedPlan:
         """Everything the run will release, for calibrating σ once."""
+
+    @property
+    @abstractmethod
+    def clip_norm(self) -> float:
+        """The bound the noise is calibrated to."""
+
+    @abstractmethod
+    def participation_rule(self, num_clients: int) -> dict[str, Any]:
+        """Who is charged each round, as the ledger's plan records it."""
+
+    def recorded_plan(self, plan: FederatedPlan, *, noise_multiplier: float, delta: float,
+                      init: Mapping[str, Any]) -> RecordedPlan:
+        """The plan σ was calibrated for, with everything an auditor needs to check the ledger.
+
+        Args:
+            plan: The calibration plan from :meth:`plan`.
+            noise_multiplier: The calibrated σ (0 for a non-private run).
+            delta: The run's δ.
+            init: What the initialisation reads (the ledger's ``init`` record).
+        """
+        return RecordedPlan(
+            unit=self.name, rounds=plan.rounds, local_steps=plan.local_steps,
+            sampling_probabilities=dict(plan.sampling_probabilities),
+            noise_multiplier=noise_multiplier, clip_norm=self.clip_norm,
+            accountant=self.config.accountant, target_epsilon=self.config.epsilon,
+            target_delta=delta, init_events=dict(plan.init_events), init=dict(init),
+            participation=self.participation_rule(len(plan.sampling_probabilities)))
 
     @abstractmethod
     def participants(self, streams: RandomStreams, round_index: int,
@@ -115,13 +143,28 @@ class RecordLevelDP(PrivacyUnit):
             local_steps=self.config.local_steps, rounds=self.config.rounds,
             init_events=dict(init_events))
 
+    @property
+    def clip_norm(self) -> float:
+        """The per-sample clipping bound C."""
+        return self.config.max_grad_norm
+
+    def _clients_per_round(self, num_clients: int) -> int:
+        return max(self.config.min_clients, round(self.config.participation * num_clients))
+
+    def participation_rule(self, num_clients: int) -> dict[str, Any]:
+        """Everyone, or a public seeded sample charged only when drawn."""
+        if self.config.participation >= 1.0:
+            return {"rule": "all"}
+        return {"rule": "seeded-sample", "fraction": self.config.participation,
+                "clients_per_round": self._clients_per_round(num_clients)}
+
     def participants(self, streams: RandomStreams, round_index: int,
                      client_ids: Sequence[str]) -> list[str]:
         """All clients, or a seeded sample of ``participation``·n (no amplification claimed)."""
         config = self.config
         if config.participation >= 1.0:
             return list(client_ids)
-        count = max(config.min_clients, round(config.participation * len(client_ids)))
+        count = self._clients_per_round(len(client_ids))
         chosen = streams.numpy("participation", round_index).choice(
             len(client_ids), size=count, replace=False)
         return [client_ids[i] for i in sorted(chosen)]
@@ -168,6 +211,16 @@ class ClientLevelDP(PrivacyUnit):
         del sizes, init_events
         return FederatedPlan(sampling_probabilities={FEDERATION: self.config.participation},
                              local_steps=1, rounds=self.config.rounds)
+
+    @property
+    def clip_norm(self) -> float:
+        """The bound S on each client's update."""
+        return self.config.client_clip_norm
+
+    def participation_rule(self, num_clients: int) -> dict[str, Any]:
+        """A secret Poisson cohort; the federation is charged every round."""
+        del num_clients
+        return {"rule": "poisson-cohort", "probability": self.config.participation}
 
     def participants(self, streams: RandomStreams, round_index: int,
                      client_ids: Sequence[str]) -> list[str]:

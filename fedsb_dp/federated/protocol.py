@@ -4,7 +4,8 @@ Order of operations (each release is in the ledger before its noise exists):
 
 1. :meth:`RoundProtocol.create` checks δ < 1/N and every qᵢ ≤ 1, calibrates σ once for the
    whole plan (init events + every round × local steps) so the max-over-clients ε meets the
-   target, writes ``config.json``, ``provenance.json`` and the ledger, records any
+   target, writes ``config.json``, ``provenance.json`` and the ledger (with the plan σ was
+   calibrated for, from the privacy unit, so an audit needs the ledger alone), records any
    data-dependent init event, injects the agreed adapters and saves them (``init_adapter/``,
    so a resume never re-runs the init).
 2. :meth:`RoundProtocol.configure_round` picks the participants, asks the budget guard to
@@ -270,9 +271,10 @@ class RoundProtocol:
         if not adapted_layers(prepared.model):
             targets_of(config, prepared.model)  # the rank against every target, up front
         charged_init = init_events(config, sizes)
+        plan = unit.plan(sizes, charged_init)
         sigma = (calibrate_noise_multiplier(
             target_epsilon=config.epsilon, target_delta=delta,
-            plan=unit.plan(sizes, charged_init), accountant=config.accountant,
+            plan=plan, accountant=config.accountant,
         ).noise_multiplier if config.private else 0.0)
 
         out = config.out
@@ -285,16 +287,18 @@ class RoundProtocol:
             rd.write_json_atomic(os.path.join(out, PARTITION), dict(partition))
         if data_record is not None:
             rd.write_json_atomic(os.path.join(out, rd.DATA), dict(data_record))
+        init = init_record(config, public_init)
         ledger = PrivacyLedger(
             unit=config.dp_level, dataset_sizes=ledger_sizes, target_epsilon=config.epsilon,
             target_delta=delta, allow_large_delta=config.allow_large_delta,
             metadata={"seed_mode": "seeded" if streams.seeded else "os-entropy",
                       "noise_is_release": not streams.seeded, "sampling": "poisson",
                       "noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
-                      "method": config.method, "dp_level": config.dp_level,
-                      "init": init_record(config, public_init),
+                      "method": config.method, "dp_level": config.dp_level, "init": init,
                       **({"client_clip_norm": config.client_clip_norm}
                          if config.dp_level == "client" else {})},
+            # What σ was calibrated for, so an audit needs the ledger alone.
+            plan=unit.recorded_plan(plan, noise_multiplier=sigma, delta=delta, init=init),
         )
         ledger_path = os.path.join(out, rd.LEDGER)
         ledger.save(ledger_path)

@@ -19,6 +19,7 @@ from accounting import (
     NoOpDpEvent,
     PoissonSampledDpEvent,
     PrivacyLedger,
+    RecordedPlan,
     SampledWithoutReplacementDpEvent,
     SelfComposedDpEvent,
     compute_epsilon,
@@ -239,3 +240,75 @@ def test_accounting_imports_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- recorded plan
+
+
+def _plan(**overrides):
+    fields = dict(unit="example", rounds=3, local_steps=10,
+                  sampling_probabilities={"a": 0.01, "b": 0.002, "c": 0.0002},
+                  noise_multiplier=1.0,
+                  clip_norm=1.0, accountant="pld", target_epsilon=3.0, target_delta=1e-6,
+                  init_events={"a": PoissonSampledDpEvent(0.064, GaussianDpEvent(8.0))},
+                  init={"method": "gradient-svd", "source": "dp"},
+                  participation={"rule": "all"})
+    return RecordedPlan(**{**fields, **overrides})
+
+
+def test_plan_round_trips_through_the_saved_ledger(tmp_path):
+    path = str(tmp_path / "ledger.json")
+    ledger = _ledger(plan=_plan())
+    ledger.record("a", STEP, count=10, round_index=0)
+    ledger.save(path)
+    loaded = PrivacyLedger.load(path)
+    assert loaded.plan == _plan()
+    assert loaded.metadata["recorded_plan"]["format"] == "fedsb-dp/plan/v1"
+    assert json.load(open(path))["schema"] == "fedsb-dp/ledger/v1"  # same container
+    # The calibration plan it describes: init + every round × local steps.
+    assert loaded.plan.federated_plan().client_event("a", 1.0) == ComposedDpEvent((
+        PoissonSampledDpEvent(0.064, GaussianDpEvent(8.0)), SelfComposedDpEvent(STEP, 30)))
+
+
+def test_ledger_without_a_plan_still_loads(tmp_path):
+    path = str(tmp_path / "ledger.json")
+    # A node's ledger keeps the server's announced plan under "plan": not a recorded plan.
+    _ledger(metadata={"seed_mode": "os-entropy", "plan": {"rounds": 3}}).save(path)
+    assert PrivacyLedger.load(path).plan is None
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    (_plan(unit="client"), "unit 'client' ≠ ledger's 'example'"),
+    (_plan(sampling_probabilities={"a": 0.01}, init_events={}), r"keys \['a'\] ≠"),
+    (_plan(target_delta=1e-7), "δ 1e-07 ≠ ledger's 1e-06"),
+    (_plan(target_epsilon=None), "target ε None ≠ ledger's 3.0"),
+])
+def test_plan_that_disagrees_with_the_header_is_refused(plan, message):
+    with pytest.raises(AccountingError, match=message):
+        _ledger(plan=plan)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"rounds": -1}, "rounds=-1 must be an integer ≥ 0"),
+    ({"sampling_probabilities": {"a": 1.5}}, r"sampling_probabilities\['a'\]=1.5"),
+    ({"accountant": "moments"}, "accountant='moments' must be one of"),
+    ({"init_events": {"d": NoOpDpEvent()}}, r"init_events name keys \['d'\]"),
+    ({"participation": {"rule": "sometimes"}}, "'rule' is one of"),
+    ({"participation": {"rule": "seeded-sample", "fraction": 0.5}},
+     "clients_per_round=None must be an integer ≥ 1"),
+])
+def test_bad_plan_values_are_named(overrides, message):
+    with pytest.raises(AccountingError, match=message):
+        _plan(**overrides)
+
+
+def test_edited_or_changed_plan_is_refused(tmp_path):
+    path = str(tmp_path / "ledger.json")
+    _ledger(plan=_plan()).save(path)
+    with pytest.raises(LedgerIntegrityError, match="recorded plan changed"):
+        _ledger(plan=_plan(noise_multiplier=0.5)).save(path)
+    document = json.load(open(path))
+    document["body"]["metadata"]["recorded_plan"]["format"] = "fedsb-dp/plan/v0"
+    (tmp_path / "edited.json").write_text(json.dumps(document))
+    with pytest.raises(LedgerIntegrityError, match="sha256"):
+        PrivacyLedger.load(str(tmp_path / "edited.json"))

@@ -19,6 +19,7 @@ from accounting import (
     NonPrivateDpEvent,
     PoissonSampledDpEvent,
     PrivacyLedger,
+    RecordedPlan,
     federation_epsilon,
 )
 from accounting.audit import audit_run, audit_sweep, load_run
@@ -37,6 +38,7 @@ from accounting.empirical import (
     top_r_correct,
 )
 from accounting.errors import AccountingError
+from accounting.events import event_from_dict
 
 # ----------------------------------------------------------------------------- GDP
 
@@ -207,6 +209,7 @@ def test_gaussian_group_privacy_is_k_mu():
 # ----------------------------------------------------------------------------- run directories
 
 N, B, SIGMA, ROUNDS, STEPS = 1000, 10, 1.0, 2, 5
+P, CLIENT_CLIP = 0.2, 1.0  # client-level runs: cohort rate and update bound
 
 
 def _write(path, data):
@@ -214,10 +217,23 @@ def _write(path, data):
         json.dump(data, fh)
 
 
+def _planned_init_events(init, sizes):
+    if init in ("dp", "dp-old", "dp-uncharged"):
+        return {cid: PoissonSampledDpEvent(N_INIT / n, GaussianDpEvent(SIGMA_INIT))
+                for cid, n in sizes.items()}
+    return {}
+
+
 def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson",
              allow_large_delta=False, delta=1e-5, extra_steps=None, nonprivate=False,
-             claim_scale=1.0, init=None):
-    """A run directory shaped like run_federation's, with a real ledger.
+             claim_scale=1.0, init=None, plan=True, unit="example", step_sigma=SIGMA,
+             step_batch=B, skip_init_charge=False):
+    """A run directory shaped like the round protocol's, with a real ledger.
+
+    ``plan=True`` records the plan in the ledger as today's runs do (σ = SIGMA, q = B/N,
+    STEPS × ROUNDS, the init's events); ``plan=False`` writes a ledger of the code before the
+    plan was recorded. ``step_sigma``, ``step_batch``, ``extra_steps`` and
+    ``skip_init_charge`` make the charged events disagree with that plan.
 
     ``init`` adds a gradient-SVD init: ``"dp"`` (today's sampled charge), ``"dp-old"`` (the
     unsampled ``GaussianDpEvent`` charge of the first-n_init init), ``"dp-uncharged"``,
@@ -226,35 +242,53 @@ def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson"
     """
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
-    sizes = {f"client-{i}": N for i in range(clients)}
+    client_level = unit == "client"
+    target = 10.0 if client_level else 3.0  # a handful of clients: a larger ε per client
+    sizes = ({"federation": clients} if client_level
+             else {f"client-{i}": N for i in range(clients)})
+    init_record = INIT_META.get(init, {"method": "w0-svd"})
+    recorded = RecordedPlan(
+        unit=unit, rounds=ROUNDS, local_steps=1 if client_level else STEPS,
+        sampling_probabilities={k: P if client_level else B / n for k, n in sizes.items()},
+        noise_multiplier=SIGMA, clip_norm=CLIENT_CLIP if client_level else 0.1,
+        accountant="prv", target_epsilon=target, target_delta=delta,
+        init_events=_planned_init_events(init, sizes), init=init_record,
+        participation={"rule": "poisson-cohort", "probability": P} if client_level
+        else {"rule": "all"}) if plan else None
     ledger = PrivacyLedger(
-        dataset_sizes=sizes, target_epsilon=3.0, target_delta=delta,
+        unit=unit, dataset_sizes=sizes, target_epsilon=target, target_delta=delta,
         allow_large_delta=allow_large_delta,
         metadata={"seed_mode": seed_mode, "noise_is_release": seed_mode != "seeded",
                   "sampling": sampling, "noise_multiplier": SIGMA, "max_grad_norm": 0.1,
-                  "dp_level": "example",
-                  **({"init": INIT_META[init]} if init in INIT_META else {})})
+                  "dp_level": unit,
+                  **({"client_clip_norm": CLIENT_CLIP} if client_level else {}),
+                  **({"init": INIT_META[init]} if init in INIT_META else {})},
+        plan=recorded)
     for cid in sizes:
-        if init == "dp":
+        if init == "dp" and not skip_init_charge:
             ledger.record(cid, PoissonSampledDpEvent(N_INIT / N, GaussianDpEvent(SIGMA_INIT)),
                           kind="init")
         elif init == "dp-old":
             ledger.record(cid, GaussianDpEvent(SIGMA_INIT), kind="init")
-    step = PoissonSampledDpEvent(B / N, GaussianDpEvent(SIGMA))
+    if client_level:
+        step, count = PoissonSampledDpEvent(P, GaussianDpEvent(step_sigma)), 1
+    else:
+        step, count = PoissonSampledDpEvent(step_batch / N, GaussianDpEvent(step_sigma)), STEPS
     for r in range(ROUNDS):
         for cid in sizes:
-            ledger.record(cid, step, count=STEPS, round_index=r)
+            ledger.record(cid, step, count=count, round_index=r)
     if nonprivate:
         ledger.record("client-0", NonPrivateDpEvent(), kind="init")
-    for cid, count in (extra_steps or {}).items():
-        ledger.record(cid, step, count=count, round_index=ROUNDS)
+    for cid, extra in (extra_steps or {}).items():
+        ledger.record(cid, step, count=extra, round_index=ROUNDS)
     ledger.save(os.path.join(directory, "ledger.json"))
-    settings = {"epsilon": 3.0, "delta": delta, "dp_level": "example", "max_grad_norm": 0.1,
-                "batch_size": B, "rounds": ROUNDS, "local_steps": STEPS, "participation": 1.0,
+    settings = {"epsilon": target, "delta": delta, "dp_level": unit, "max_grad_norm": 0.1,
+                "client_clip_norm": CLIENT_CLIP, "batch_size": B, "rounds": ROUNDS,
+                "local_steps": STEPS, "participation": P if client_level else 1.0,
                 "clients": clients, "seed": 1 if seed_mode == "seeded" else None,
                 "out": directory, **INIT_SETTINGS.get(init, {})}
-    digest = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "out"},
-                                       sort_keys=True).encode()).hexdigest()
+    # Any stable digest: the audit only checks that provenance names the one config.json keeps.
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     _write(os.path.join(directory, "config.json"), {"config": settings, "digest": digest})
     _write(os.path.join(directory, "provenance.json"), {
         "config_digest": digest, "versions": {"opacus": "1.6.0"},
@@ -271,7 +305,10 @@ def make_run(directory, *, clients=2, seed_mode="os-entropy", sampling="poisson"
                                                       "completed_rounds": ROUNDS})
     with open(os.path.join(directory, "metrics.jsonl"), "w") as fh:
         for r in range(ROUNDS):
-            fh.write(json.dumps({"round": r + 1, "participants": list(sizes)}) + "\n")
+            # Client-level runs publish no cohort.
+            line = {"round": r + 1} if client_level else {"round": r + 1,
+                                                           "participants": list(sizes)}
+            fh.write(json.dumps(line) + "\n")
     return directory
 
 
@@ -283,12 +320,14 @@ INIT_SETTINGS = {
     "dp": _DP_INIT, "dp-old": _DP_INIT, "dp-uncharged": _DP_INIT,
     "public": {**_PUBLIC_INIT, "init_data": "public.csv"}, "public-old": _PUBLIC_INIT,
 }
+_DP_META = {"method": "gradient-svd", "source": "dp", "examples": N_INIT,
+            "noise_multiplier": SIGMA_INIT, "clip_norm": 1.0, "sampling": "poisson"}
 INIT_META = {
-    "dp": {"method": "gradient-svd", "source": "dp", "examples": N_INIT,
-           "noise_multiplier": SIGMA_INIT, "clip_norm": 1.0, "sampling": "poisson"},
+    "dp": _DP_META, "dp-old": _DP_META, "dp-uncharged": _DP_META,
     "public": {"method": "gradient-svd", "source": "public", "examples": N_INIT,
                "data": {"source": "public.csv", "records": N_INIT, "records_sha256": "ab" * 32,
                         "file_sha256": "cd" * 32}},
+    "public-old": {"method": "gradient-svd", "source": "public", "examples": N_INIT},
 }
 
 
@@ -362,13 +401,97 @@ def test_client_with_unplanned_steps_is_flagged(tmp_path):
     assert not ok and "client-1 13≠10" in detail
 
 
-def test_edited_config_is_flagged(tmp_path):
+def test_audit_reads_the_plan_not_the_settings(tmp_path):
     path = make_run(tmp_path / "run")
     config = json.load(open(os.path.join(path, "config.json")))
-    config["config"]["max_grad_norm"] = 1.0  # digest not updated
+    config["config"]["max_grad_norm"] = 1.0  # the plan in the ledger is what counts
+    config["config"]["batch_size"] = 99
+    _write(os.path.join(path, "config.json"), config)
+    assert audit_run(path).passed
+    config["digest"] = "0" * 64  # now config.json no longer names the run's settings
     _write(os.path.join(path, "config.json"), config)
     _, ok, detail = _check(audit_run(path), "config")
-    assert not ok and "digest" in detail and "clip norm" in detail
+    assert not ok and "digest" in detail and "provenance" in detail
+
+
+def test_edited_settings_of_an_old_run_are_flagged(tmp_path):
+    path = make_run(tmp_path / "run", plan=False)
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["config"]["max_grad_norm"] = 1.0  # the ledger's metadata says 0.1
+    _write(os.path.join(path, "config.json"), config)
+    _, ok, detail = _check(audit_run(path), "plan matches the ledger metadata")
+    assert not ok and "clip norm 1.0 ≠ ledger's 0.1" in detail
+
+
+# ----------------------------------------------------------------------------- recorded plan
+
+
+@pytest.mark.parametrize("unit", ["example", "client"])
+def test_run_with_a_recorded_plan_passes(tmp_path, unit):
+    report = audit_run(make_run(tmp_path / "run", unit=unit, init="dp" if unit == "example"
+                                else None))
+    assert report.passed, report.format()
+    _, ok, detail = _check(report, "recorded plan")
+    assert ok and "fedsb-dp/plan/v1" in detail and "predates" not in report.verdict
+    assert f"DP per {'client' if unit == 'client' else 'record'}" in report.verdict
+    assert "step events match the plan" in [c[0] for c in report.checks]
+
+
+@pytest.mark.parametrize(("unit", "bad", "check", "expected"), [
+    ("example", {"step_sigma": 0.9}, "step events match the plan", "σ 0.9 ≠ plan σ 1"),
+    ("client", {"step_sigma": 0.9}, "step events match the plan", "σ 0.9 ≠ plan σ 1"),
+    ("example", {"step_batch": 12}, "step events match the plan", "q 0.012 ≠ plan q 0.01"),
+    ("example", {"extra_steps": {"client-1": 1}}, "steps match the plan", "client-1 11≠10"),
+    ("client", {"extra_steps": {"federation": 1}}, "steps match the plan", "federation 3≠2"),
+    ("example", {"init": "dp", "skip_init_charge": True}, "init matches the ledger",
+     "the ledger has no init charge"),
+    ("example", {"init": "dp-old"}, "init matches the ledger", "OLD unsampled charge"),
+])
+def test_events_that_disagree_with_the_recorded_plan_fail(tmp_path, unit, bad, check,
+                                                          expected):
+    """A writer whose releases are not its plan: only the matching check fails."""
+    report = audit_run(make_run(tmp_path / "run", unit=unit, **bad))
+    _, ok, detail = _check(report, check)
+    assert not ok and expected in detail, detail
+    assert [c[0] for c in report.failures] == [check], report.format()
+
+
+def test_plan_whose_init_events_are_not_its_init_record_fails(tmp_path):
+    path = make_run(tmp_path / "run")
+    ledger = PrivacyLedger.load(os.path.join(path, "ledger.json"))
+    body = ledger.to_json_dict()["body"]
+    metadata = body["metadata"]
+    metadata["recorded_plan"]["init"] = INIT_META["dp"]  # a DP init the plan charges nobody
+    rewritten = PrivacyLedger(unit="example", dataset_sizes=body["dataset_sizes"],
+                              target_epsilon=3.0, target_delta=1e-5, metadata=metadata)
+    for entry in body["entries"]:
+        rewritten.record(entry["client"], event_from_dict(entry["event"]),
+                         count=entry["count"], round_index=entry["rounds"][0])
+    os.remove(os.path.join(path, "ledger.json"))
+    rewritten.save(os.path.join(path, "ledger.json"))
+    _, ok, detail = _check(audit_run(path), "init matches the ledger")
+    assert not ok and "planned as no init charge; expected PoissonSampled(q=0.064" in detail
+
+
+def test_old_run_without_a_plan_audits_from_its_settings_with_a_note(tmp_path):
+    report = audit_run(make_run(tmp_path / "run", plan=False))
+    assert report.passed, report.format()
+    _, ok, detail = _check(report, "recorded plan")
+    assert ok and "predates the recorded plan" in detail
+    assert "Note: the ledger predates the recorded plan" in report.verdict
+    # The stand-in is still held to the ledger's events.
+    report = audit_run(make_run(tmp_path / "bad", plan=False, step_sigma=0.9))
+    assert [c[0] for c in report.failures] == ["step events match the plan"]
+
+
+def test_old_run_without_a_plan_or_settings_fails_clearly(tmp_path):
+    path = make_run(tmp_path / "run", plan=False)
+    _write(os.path.join(path, "config.json"), {"digest": json.load(
+        open(os.path.join(path, "config.json")))["digest"]})
+    report = audit_run(path)
+    _, ok, detail = _check(report, "recorded plan")
+    assert not ok and "predates the recorded plan" in detail and "no settings" in detail
+    assert [c[0] for c in report.failures] == ["recorded plan"]
 
 
 def test_sweep_audits_every_run(tmp_path):
@@ -401,12 +524,13 @@ def test_init_that_matches_its_charge_passes(tmp_path, init):
 
 @pytest.mark.parametrize(("init", "expected"), [
     ("dp-old", "OLD unsampled charge"),
-    ("dp-uncharged", "with no init charge"),
+    ("dp-uncharged", "no init charge"),
     ("public-old", "without an --init-data reference"),
 ])
-def test_old_init_shapes_fail_the_audit(tmp_path, init, expected):
+@pytest.mark.parametrize("plan", [True, False])
+def test_old_init_shapes_fail_the_audit(tmp_path, init, expected, plan):
     """Run directories as the pre-fix code wrote them: every other check passes."""
-    report = audit_run(make_run(tmp_path / "run", init=init))
+    report = audit_run(make_run(tmp_path / "run", init=init, plan=plan))
     _, ok, detail = _check(report, "init matches the ledger")
     assert not ok and expected in detail, detail
     assert [c[0] for c in report.failures] == ["init matches the ledger"]
@@ -414,15 +538,9 @@ def test_old_init_shapes_fail_the_audit(tmp_path, init, expected):
 
 
 def test_dp_init_charged_at_another_rate_fails(tmp_path):
-    path = make_run(tmp_path / "run", init="dp")
+    path = make_run(tmp_path / "run", init="dp", plan=False)
     config = json.load(open(os.path.join(path, "config.json")))
     config["config"]["init_examples"] = 32  # the ledger charges q = 64/N
-    config["digest"] = hashlib.sha256(json.dumps(
-        {k: v for k, v in config["config"].items() if k != "out"},
-        sort_keys=True).encode()).hexdigest()
     _write(os.path.join(path, "config.json"), config)
-    _write(os.path.join(path, "provenance.json"), {
-        **json.load(open(os.path.join(path, "provenance.json"))),
-        "config_digest": config["digest"]})
     _, ok, detail = _check(audit_run(path), "init matches the ledger")
-    assert not ok and "q=n_init/N_i=0.032" in detail
+    assert not ok and "the plan charges 1× PoissonSampled(q=0.032" in detail
