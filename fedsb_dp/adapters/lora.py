@@ -137,22 +137,3 @@ def inject_lora(
         setattr(parent, child, wrapped)
     return lora_layers(model)
 
-
-@torch.no_grad()
-def reset_lora(model: nn.Module, generator: torch.Generator) -> None:
-    """Fresh A (from ``generator``) and B = 0 in every LoRA layer (FLoRA's per-round restart)."""
-    for layer in lora_layers(model).values():
-        layer.lora_A.weight.copy_(lora_init_A(layer.rank, layer.lora_A.in_features, generator))
-        layer.lora_B.weight.zero_()
-
-
-def merge_lora_layers(model: nn.Module) -> nn.Module:
-    """Replace every LoRA wrapper by its base layer with ΔW folded in (for export)."""
-    for name, layer in lora_layers(model).items():
-        with torch.no_grad():
-            layer.base_layer.weight.add_(layer.get_delta_weight())
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
-    return model
-
