@@ -27,8 +27,7 @@ from fedsb_dp.federated.client import (
     sampling_probability,
 )
 from fedsb_dp.losses import example_losses
-
-TASK = "sequence-classification"
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION as TASK
 
 
 def _adapted(seed=0):

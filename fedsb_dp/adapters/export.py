@@ -23,7 +23,7 @@ from fedsb_dp.adapters.inject import (
     trainable_state,
 )
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.models import find_head, find_pooler
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, find_head, find_pooler
 
 ADAPTER_WEIGHTS = "lora_sb_adapter.safetensors"
 ADAPTER_CONFIG = "lora_sb_config.json"
@@ -191,7 +191,7 @@ def export_peft_adapter(
     directory: str,
     *,
     base_model: str,
-    task: str = "sequence-classification",
+    task: str = SEQUENCE_CLASSIFICATION,
 ) -> None:
     """Export as a standard PEFT LoRA adapter of rank r: lora_B = B·R, lora_A = A.
 
@@ -224,7 +224,7 @@ def export_peft_adapter(
         lora_dropout=0.0,
         target_modules=sorted(layers),
         modules_to_save=sorted(heads) or None,
-        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if task == SEQUENCE_CLASSIFICATION else TaskType.CAUSAL_LM,
         init_lora_weights=False,
     )
     base = unwrap_adapters(copy.deepcopy(model), merge=False)
