@@ -30,17 +30,17 @@ from fedsb_dp.data import (
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient
 from fedsb_dp.federated.evaluation import evaluate_classifier
-from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
+from fedsb_dp.federated.partition import (
+    client_frames,
+    client_id,
+    partition_records,
+    partition_report,
+)
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.methods import FederatedMethod, method_class
 from fedsb_dp.models import SEQUENCE_CLASSIFICATION, LoadedModel, load_model
 
 CENTRAL = "central"  # the single client of the centralised references
-
-
-def client_id(index: int) -> str:
-    """Ledger key of the client holding partition ``index``."""
-    return f"client-{index}"
 
 
 def client_ids(config: RunConfig) -> list[str]:
