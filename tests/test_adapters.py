@@ -182,6 +182,21 @@ def test_fingerprint_detects_one_bit_change():
     assert frozen_fingerprint(model) != fp
 
 
+def test_fingerprint_scopes_shared_factors_or_every_frozen_tensor():
+    model = tiny_bert()
+    _adapt(model)
+    shared, everything = frozen_fingerprint(model), frozen_fingerprint(model, scope="all")
+    assert shared != everything
+    embedding = model.bert.embeddings.word_embeddings.weight  # frozen, not an adapter factor
+    assert not embedding.requires_grad
+    with torch.no_grad():
+        embedding[0, 0] += 1.0
+    assert frozen_fingerprint(model) == shared  # clients need not agree on it by hash
+    assert frozen_fingerprint(model, scope="all") != everything  # but training must not move it
+    with pytest.raises(ConfigError, match="scope='base' is not one of"):
+        frozen_fingerprint(model, scope="base")
+
+
 def test_sb_adapter_save_load(tmp_path):
     model = tiny_bert().eval()
     config = _adapt(model)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedsb_dp.adapters.config import SBConfig
 from fedsb_dp.adapters.layer import SBLinear
-from fedsb_dp.errors import AdapterMismatchError, ModelStructureError
+from fedsb_dp.errors import AdapterMismatchError, ConfigError, ModelStructureError
 from fedsb_dp.models import find_head, find_pooler
 
 
@@ -154,16 +154,32 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def frozen_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every adapter's B and A and every frozen head tensor.
+#: What :func:`frozen_fingerprint` hashes: the frozen tensors clients must share, or all.
+FINGERPRINT_SCOPES = ("shared", "all")
 
-    Fed-SB is exact only if every client holds bit-identical B and A; the server compares this
-    hash with each client's. For the LoRA baselines it covers the frozen factors (FFA-LoRA's A)
-    and the adapted layers' base weights, which FedEx-LoRA and FLoRA change every round.
+
+def frozen_fingerprint(model: nn.Module, *, scope: str = "shared") -> str:
+    """SHA-256 over frozen tensors of ``model``.
+
+    ``scope="shared"``: every adapter's B and A and every frozen head tensor. Fed-SB is exact
+    only if every client holds bit-identical B and A; the server compares this hash with each
+    client's (it also travels in adapter files). For the LoRA baselines it covers the frozen
+    factors (FFA-LoRA's A) and the adapted layers' base weights, which FedEx-LoRA and FLoRA
+    change every round.
+
+    ``scope="all"``: every frozen parameter and buffer of the model, base model included —
+    what a client's local training must leave untouched.
+
+    Raises:
+        ConfigError: For a scope not in :data:`FINGERPRINT_SCOPES`.
     """
+    if scope == "all":
+        return _sha256([(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+                       + list(model.named_buffers()))
+    if scope != "shared":
+        raise ConfigError(f"scope={scope!r} is not one of {FINGERPRINT_SCOPES}")
     from fedsb_dp.adapters.lora import lora_layers
 
-    digest = hashlib.sha256()
     tensors: list[tuple[str, torch.Tensor]] = []
     for name, layer in sb_layers(model).items():
         tensors += [(f"{name}.B", layer.lora_sb_B), (f"{name}.A", layer.lora_sb_A)]
@@ -177,6 +193,11 @@ def frozen_fingerprint(model: nn.Module) -> str:
         tensors += [
             (f"{head[0]}.{n}", p) for n, p in head[1].named_parameters() if not p.requires_grad
         ]
+    return _sha256(tensors)
+
+
+def _sha256(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
     for name, tensor in tensors:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())

@@ -19,7 +19,6 @@ stops a run, and that is a function of released values.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -137,20 +136,6 @@ class ClientUpdate:
     steps: int
     event: PoissonSampledDpEvent
     fingerprint: str
-
-
-def frozen_digest(model: nn.Module) -> str:
-    """SHA-256 of every tensor that must not change during training (frozen params, buffers)."""
-    digest = hashlib.sha256()
-    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    tensors += list(model.named_buffers())
-    for name, tensor in tensors:
-        data = tensor.detach().contiguous()
-        digest.update(name.encode())
-        # reshape(-1): a size-1 dim can leave a 'contiguous' tensor with stride(-1) ≠ 1
-        # (rank-1 factors), which a dtype-changing view refuses
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def poisson_indices(num_records: int, q: float, generator: torch.Generator) -> torch.Tensor:
@@ -308,7 +293,7 @@ class DPClient:
             model = private_model._module if hasattr(private_model, "_module") else private_model
             set_trainable_state(model, global_state)
             model.train()
-            before = frozen_digest(model)
+            before = frozen_fingerprint(model, scope="all")
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = self._optimizer(params, config, noise_generator)
             q = sampling_probability(config.expected_batch_size, self.num_records)
@@ -336,7 +321,7 @@ class DPClient:
                 steps += 1
                 if on_step is not None:
                     on_step(step)
-            if frozen_digest(model) != before:
+            if frozen_fingerprint(model, scope="all") != before:
                 raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
             state = trainable_state(model)
             if all(torch.equal(state[k], global_state[k]) for k in state):
