@@ -28,7 +28,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from accounting.events import GaussianDpEvent, PoissonSampledDpEvent
+from accounting.events import PoissonSampledDpEvent, sampled_gaussian_event
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import ConfigError, FedSBError
@@ -94,10 +94,9 @@ class LocalTrainingConfig:
 
     def step_event(self, num_records: int) -> PoissonSampledDpEvent:
         """The event of one logical step on a client holding ``num_records`` records."""
-        return PoissonSampledDpEvent(
+        return sampled_gaussian_event(
             sampling_probability=sampling_probability(self.expected_batch_size, num_records),
-            event=GaussianDpEvent(noise_multiplier=self.noise_multiplier),
-        )
+            noise_multiplier=self.noise_multiplier)
 
 
 def sampling_probability(expected_batch_size: int, num_records: int) -> float:
