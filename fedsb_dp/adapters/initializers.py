@@ -1,7 +1,7 @@
 """Initialisers of the frozen factors B, A (and R⁰), each with the privacy event it incurs.
 
 LoRA-SB's own initialiser (``gradient-svd``) looks at training data, so it is a release: it comes
-in three explicitly named data sources (REFERENCE.md §2):
+in three explicitly named data sources (docs/privacy.md, "Initialisation"):
 
 * ``public``: gradients on a dataset the user declares public (never the clients' own
   records); no private record is touched (``NoOpDpEvent``).

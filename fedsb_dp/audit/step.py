@@ -1,4 +1,4 @@
-"""Step-level many-run audit of the client's clip + noise step (REFERENCE §9).
+"""Step-level many-run audit of the client's clip + noise step (docs/privacy.md, "Auditing").
 
 The toolkit's DP-SGD step is run on D and on D' = D ∪ {canary}, where the canary's per-example
 gradient points along a unit direction u of R-space, and the released update is projected on u.

@@ -1,12 +1,12 @@
 """Client-level DP aggregation: the unit protected is a whole client's data.
 
 Each participating client's update ΔRᵢ = Rᵢ − R̄ (all trainable tensors jointly) is clipped to
-norm S; the server sums the clipped updates, adds N(0, z²S²) to every coordinate and divides
-by a fixed public denominator (the expected cohort size p·n, never the realised one). An update
-with a NaN/inf entry counts as zero (within the sensitivity S), so one client's data cannot
-stop the run. With
-clients joining each round independently with probability p, one round is
-``PoissonSampledDpEvent(p, GaussianDpEvent(z))`` over clients (REFERENCE.md §7).
+norm S (:mod:`fedsb_dp.clipping`, the formula of Opacus' per-example clip); the server sums the
+clipped updates, adds N(0, z²S²) to every coordinate and divides by a fixed public denominator
+(the expected cohort size p·n, never the realised one). An update with a NaN/inf entry counts
+as zero (within the sensitivity S), so one client's data cannot stop the run. With clients
+joining each round independently with probability p, one round is
+``PoissonSampledDpEvent(p, GaussianDpEvent(z))`` over clients (docs/privacy.md, "Trust model").
 """
 
 from __future__ import annotations
