@@ -25,6 +25,7 @@ from fedsb_dp.adapters import (
     trainable_state,
     w0_svd_init,
 )
+from fedsb_dp.adapters.lora import inject_lora, lora_layers
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, ModelStructureError
 
 
@@ -251,6 +252,11 @@ def test_bad_rank(rank):
 def test_rank_message_names_range():
     with pytest.raises(ModelStructureError, match=r"valid range is 1\.\.32"):
         find_target_modules(tiny_bert(), ("query",), rank=33)
+    model = tiny_bert()  # the LoRA baselines' injection checks the same way, before any change
+    targets = find_target_modules(model, ("query",))
+    with pytest.raises(ModelStructureError, match=r"rank=33 does not fit .*valid range is 1\.\.32"):
+        inject_lora(model, targets, rank=33, scaling=1.0, generator=torch.Generator())
+    assert not lora_layers(model)
 
 
 def test_unknown_target_lists_available():

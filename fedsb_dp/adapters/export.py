@@ -19,6 +19,7 @@ from fedsb_dp.adapters.initializers import LayerFactors
 from fedsb_dp.adapters.inject import (
     frozen_fingerprint,
     inject_adapters,
+    replace_submodule,
     sb_layers,
     trainable_state,
 )
@@ -152,9 +153,7 @@ def unwrap_adapters(model: nn.Module, *, merge: bool) -> nn.Module:
             layer.merge(safe_merge=True)
         elif not merge and layer.merged:
             layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
     return model
 
 

@@ -59,12 +59,7 @@ def find_target_modules(
             found[name] = module
     if rank is not None:
         for name, module in found.items():
-            limit = min(module.out_features, module.in_features)
-            if not 1 <= rank <= limit:
-                raise ModelStructureError(
-                    f"rank={rank} does not fit layer {name!r} "
-                    f"({module.out_features}×{module.in_features}): valid range is 1..{limit}"
-                )
+            check_rank_fits(name, module, rank)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
@@ -74,7 +69,18 @@ def sb_layers(model: nn.Module) -> dict[str, SBLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SBLinear)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def check_rank_fits(name: str, layer: nn.Linear, rank: int) -> None:
+    """Raise :class:`ModelStructureError` unless 1 ≤ ``rank`` ≤ min(m, n) of ``layer``."""
+    limit = min(layer.out_features, layer.in_features)
+    if not 1 <= rank <= limit:
+        raise ModelStructureError(
+            f"rank={rank} does not fit layer {name!r} "
+            f"({layer.out_features}×{layer.in_features}): valid range is 1..{limit}"
+        )
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule called ``name`` (a qualified name) is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -105,7 +111,7 @@ def inject_adapters(
             base, B=layer_factors.B, R=layer_factors.R, A=layer_factors.A,
             dropout=config.dropout, scaling=config.scaling,
         )
-        _set_submodule(model, name, wrapped)
+        replace_submodule(model, name, wrapped)
     mark_trainable(model, train_head=config.train_head, train_pooler=config.train_pooler)
     return sb_layers(model)
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedsb_dp.errors import ConfigError, ModelStructureError
+from fedsb_dp.adapters.inject import check_rank_fits, replace_submodule
+from fedsb_dp.errors import ConfigError
 
 
 class LoRALinear(nn.Module):
@@ -123,17 +124,12 @@ def inject_lora(
     Returns:
         The injected layers.
     """
+    for name, base in targets.items():  # every layer first: a bad rank changes nothing
+        check_rank_fits(name, base, rank)
     for name, base in targets.items():
-        limit = min(base.out_features, base.in_features)
-        if not 1 <= rank <= limit:
-            raise ModelStructureError(
-                f"rank={rank} does not fit layer {name!r} ({base.out_features}×"
-                f"{base.in_features}): valid range is 1..{limit}")
         A = lora_init_A(rank, base.in_features, generator).to(base.weight.dtype)
         B = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
         wrapped = LoRALinear(base, A=A, B=B, scaling=scaling, dropout=dropout, train_A=train_A)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapped)
+        replace_submodule(model, name, wrapped)
     return lora_layers(model)
 
