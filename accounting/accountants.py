@@ -269,16 +269,6 @@ class FederationResult:
     delta: float
     unit: str
 
-    def as_dataframe(self) -> Any:
-        """One row per client (pandas DataFrame)."""
-        import pandas as pd
-
-        return pd.DataFrame([
-            {"client": cid, "epsilon": r.epsilon, "lower": r.lower, "estimate": r.estimate,
-             "accountant": r.accountant, "fallback_reason": r.fallback_reason}
-            for cid, r in self.per_client.items()
-        ])
-
 
 def federation_epsilon_of(
     events: dict[str, DpEvent],

@@ -20,9 +20,8 @@ from accounting.errors import AccountingError
 from accounting.events import (
     ComposedDpEvent,
     DpEvent,
-    GaussianDpEvent,
-    PoissonSampledDpEvent,
     SelfComposedDpEvent,
+    sampled_gaussian_event,
 )
 
 SIGMA_MAX = 1e4
@@ -79,9 +78,9 @@ class FederatedPlan:
                      rounds: int | None = None) -> DpEvent:
         """Everything the plan releases about ``client_id`` at noise ``noise_multiplier``."""
         joined = self.rounds_joined(client_id) if rounds is None else rounds
-        step = PoissonSampledDpEvent(
+        step = sampled_gaussian_event(
             sampling_probability=self.sampling_probabilities[client_id],
-            event=GaussianDpEvent(noise_multiplier=noise_multiplier))
+            noise_multiplier=noise_multiplier)
         parts: list[DpEvent] = []
         if client_id in self.init_events:
             parts.append(self.init_events[client_id])

@@ -175,6 +175,17 @@ _REGISTRY: dict[str, type[DpEvent]] = {
 }
 
 
+def sampled_gaussian_event(*, sampling_probability: float,
+                           noise_multiplier: float) -> PoissonSampledDpEvent:
+    """``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``: one Poisson-subsampled Gaussian release.
+
+    The single place that builds the event charged for one DP-SGD step (q = b/Nᵢ), one DP
+    initialisation sum (q = n_init/Nᵢ) and one client-level round with sampled clients (q = p).
+    """
+    return PoissonSampledDpEvent(sampling_probability=sampling_probability,
+                                 event=GaussianDpEvent(noise_multiplier=noise_multiplier))
+
+
 def event_from_dict(data: Any) -> DpEvent:
     """Rebuild an event from :meth:`DpEvent.to_dict` output (closed registry).
 

@@ -29,9 +29,7 @@ from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
 from fedsb_dp.federated.evaluation import evaluate_classifier
-from fedsb_dp.models import load_model
-
-TASK = "sequence-classification"
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, load_model
 
 
 def run(pooling: str, clip: float, steps: int, records: int, seed: int) -> dict:
@@ -44,7 +42,7 @@ def run(pooling: str, clip: float, steps: int, records: int, seed: int) -> dict:
     collate = make_collate(loaded.tokenizer)
     train = TokenizedDataset(data.train, loaded.tokenizer, max_length=32)
     validation = TokenizedDataset(data.validation.head(400), loaded.tokenizer, max_length=32)
-    client = DPClient("pooled", train, collate, task=TASK)
+    client = DPClient("pooled", train, collate, task=SEQUENCE_CLASSIFICATION)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     local = LocalTrainingConfig(expected_batch_size=64, local_steps=steps, learning_rate=2e-3,
                                 optimizer="adamw", max_grad_norm=clip, noise_multiplier=0.0,

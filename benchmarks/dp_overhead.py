@@ -39,10 +39,9 @@ from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.losses import example_losses
 from fedsb_dp.methods import FedIT, FedSB
-from fedsb_dp.models import load_model
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, load_model
 
 VARIANTS = ("r-only", "fedsb-dp", "lora-dp", "full-dp")
-TASK = "sequence-classification"
 
 
 def _model(variant: str, rank: int):
@@ -85,7 +84,7 @@ def _stepper(variant: str, rank: int, batch_size: int, seq: int):
                                 max_grad_norm=0.1, expected_batch_size=batch_size)
 
     def step() -> None:
-        example_losses(runner, batch, task=TASK).mean().backward()
+        example_losses(runner, batch, task=SEQUENCE_CLASSIFICATION).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

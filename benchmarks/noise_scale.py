@@ -38,10 +38,9 @@ from fedsb_dp.data import TokenizedDataset, load_text_classification, make_colla
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig, poisson_indices
 from fedsb_dp.losses import example_losses
 from fedsb_dp.methods import effective_weights, method_class
-from fedsb_dp.models import load_model
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, load_model
 
 METHODS = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
-TASK = "sequence-classification"
 
 
 def _build(method_name: str, rank: int, scaling: float):
@@ -69,7 +68,7 @@ def _step_nsr(model, dataset, collate, *, sigma, clip, batch_size, seed) -> floa
     indices = poisson_indices(len(dataset), batch_size / len(dataset),
                                torch.Generator().manual_seed(seed))
     batch = collate([dataset[int(i)] for i in indices])
-    example_losses(gsm, batch, task=TASK).mean().backward()
+    example_losses(gsm, batch, task=SEQUENCE_CLASSIFICATION).mean().backward()
     optimizer.clip_and_accumulate()
     clipped = torch.cat([p.summed_grad.flatten() for p in params]).clone()
     optimizer.add_noise()
@@ -147,7 +146,8 @@ def main() -> None:
             frame = data.train.iloc[i * args.records_per_client:(i + 1) *
                                     args.records_per_client].reset_index(drop=True)
             clients.append(DPClient(f"c{i}", TokenizedDataset(
-                frame, loaded.tokenizer, max_length=args.max_length), collate, task=TASK))
+                frame, loaded.tokenizer, max_length=args.max_length), collate,
+                task=SEQUENCE_CLASSIFICATION))
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         nsr = _step_nsr(model, clients[0].dataset, collate, sigma=sigma, clip=args.clip,
                         batch_size=args.batch_size, seed=1)

@@ -15,7 +15,8 @@ flora      Σ r(m+n)                       c·Σ r(m+n)  (stacked factors)
 ========== ============================== ================================================
 
 The paper's convention (``paper_params``) counts FFA-LoRA as ½Σ r(m+n) and FedEx-LoRA/FLoRA as
-c·Σ r(m+n); both are printed so the figures can be compared with REFERENCE.md §4.
+c·Σ r(m+n); both are printed so the figures can be compared with the paper's (docs/benchmarks.md,
+§4 Communication).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION
+
 
 def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
     """One loss per example of the batch.
@@ -24,7 +26,7 @@ def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], *, task: st
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
-    if task == "sequence-classification":
+    if task == SEQUENCE_CLASSIFICATION:
         return F.cross_entropy(logits, batch["labels"], reduction="none")
     targets = batch["input_ids"][:, 1:]
     mask = batch["attention_mask"][:, 1:].to(logits.dtype)

@@ -30,7 +30,10 @@ from fedsb_dp.offline_models import (
 logger = logging.getLogger(__name__)
 
 Task = Literal["sequence-classification", "causal-lm"]
-TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
+#: Task names as passed to ``load_model``, ``example_losses`` and ``DPClient``.
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+TASKS: tuple[str, ...] = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -325,7 +328,7 @@ def reset_head(model: nn.Module, *, seed: int) -> None:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    task: str = "sequence-classification",
+    task: str = SEQUENCE_CLASSIFICATION,
     num_labels: int = 2,
     head_seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -365,12 +368,12 @@ def load_model(
         raise ConfigError(f"task={task!r} is not one of {TASKS}")
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling={pooling!r} is not one of {POOLINGS}")
-    if task == "sequence-classification" and num_labels < 2:
+    if task == SEQUENCE_CLASSIFICATION and num_labels < 2:
         raise ConfigError(f"num_labels={num_labels} must be at least 2")
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if task == "sequence-classification":
+        if task == SEQUENCE_CLASSIFICATION:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=dtype
             )
@@ -387,7 +390,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if task == "sequence-classification":
+    if task == SEQUENCE_CLASSIFICATION:
         if pooling == "auto":
             pooling = checkpoint_pooling(path) if _can_mean_pool(model) else "cls"
         if pooling == "mean":
@@ -402,5 +405,5 @@ def load_model(
         name_or_path=name_or_path,
         resolved_path=path,
         task=task,
-        num_labels=num_labels if task == "sequence-classification" else None,
+        num_labels=num_labels if task == SEQUENCE_CLASSIFICATION else None,
     )

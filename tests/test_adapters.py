@@ -25,6 +25,7 @@ from fedsb_dp.adapters import (
     trainable_state,
     w0_svd_init,
 )
+from fedsb_dp.adapters.lora import inject_lora, lora_layers
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, ModelStructureError
 
 
@@ -182,6 +183,21 @@ def test_fingerprint_detects_one_bit_change():
     assert frozen_fingerprint(model) != fp
 
 
+def test_fingerprint_scopes_shared_factors_or_every_frozen_tensor():
+    model = tiny_bert()
+    _adapt(model)
+    shared, everything = frozen_fingerprint(model), frozen_fingerprint(model, scope="all")
+    assert shared != everything
+    embedding = model.bert.embeddings.word_embeddings.weight  # frozen, not an adapter factor
+    assert not embedding.requires_grad
+    with torch.no_grad():
+        embedding[0, 0] += 1.0
+    assert frozen_fingerprint(model) == shared  # clients need not agree on it by hash
+    assert frozen_fingerprint(model, scope="all") != everything  # but training must not move it
+    with pytest.raises(ConfigError, match="scope='base' is not one of"):
+        frozen_fingerprint(model, scope="base")
+
+
 def test_sb_adapter_save_load(tmp_path):
     model = tiny_bert().eval()
     config = _adapt(model)
@@ -236,6 +252,11 @@ def test_bad_rank(rank):
 def test_rank_message_names_range():
     with pytest.raises(ModelStructureError, match=r"valid range is 1\.\.32"):
         find_target_modules(tiny_bert(), ("query",), rank=33)
+    model = tiny_bert()  # the LoRA baselines' injection checks the same way, before any change
+    targets = find_target_modules(model, ("query",))
+    with pytest.raises(ModelStructureError, match=r"rank=33 does not fit .*valid range is 1\.\.32"):
+        inject_lora(model, targets, rank=33, scaling=1.0, generator=torch.Generator())
+    assert not lora_layers(model)
 
 
 def test_unknown_target_lists_available():

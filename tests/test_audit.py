@@ -8,12 +8,21 @@ import sys
 
 import pytest
 import torch
+from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers import optimizer as opacus_optimizer
 
-from fedsb_dp.audit.one_run import one_run_audit, tiny_setting
+from fedsb_dp.adapters import (
+    LayerFactors,
+    SBConfig,
+    find_target_modules,
+    inject_adapters,
+    random_orthonormal_init,
+)
+from fedsb_dp.audit.one_run import one_run_audit
 from fedsb_dp.audit.step import real_step_matches, step_audit
-from fedsb_dp.federated.client import DPClient
+from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "accounting"))
 from test_run_audit import make_run  # noqa: E402  (the synthetic run-directory builder)
@@ -108,6 +117,63 @@ def test_step_audit_flags_every_mutant(mutant, request):
 
 
 # ------------------------------------------------------------------ one-run audit
+# The one-run audit's small real setting: a test fixture (the audit takes any client).
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences with binary labels (the tiny audit setting's records)."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.ids = torch.randint(1, 100, (n, 12), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([e["input_ids"] for e in examples])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.stack([e["labels"] for e in examples])}
+
+
+def tiny_setting(*, records: int = 32, expected_batch_size: int = 16, local_steps: int = 16,
+                 noise_multiplier: float = 3.0, max_grad_norm: float = 0.1, rank: int = 16,
+                 learning_rate: float = 0.05, seed: int = 0):
+    """A small real setting for the one-run audit.
+
+    A 2-layer random BERT with SB adapters (r = 16 on query/value: an R-space of 1,024
+    dimensions) and one client holding ``records`` random token records.
+
+    Returns:
+        The client, the model in ``GradSampleModule``, the training config, and a ``close``
+        callable that removes Opacus' hooks.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the random base model of the audit
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64, num_labels=2,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
+    sb = SBConfig(rank=rank, target_modules=("query", "value"))
+    targets = find_target_modules(model, sb.target_modules, rank=rank)
+    init = random_orthonormal_init(targets, rank=rank, seed=seed)
+    inject_adapters(model, {n: LayerFactors(f.B, 0.01 * torch.randn(rank, rank, generator=gen),
+                                            f.A) for n, f in init.factors.items()}, sb)
+    private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    client = DPClient("audit-client", _TokenDataset(records, gen), _collate,
+                      task=SEQUENCE_CLASSIFICATION)
+    config = LocalTrainingConfig(expected_batch_size=expected_batch_size,
+                                 local_steps=local_steps, learning_rate=learning_rate,
+                                 optimizer="sgd", max_grad_norm=max_grad_norm,
+                                 noise_multiplier=noise_multiplier, max_physical_batch_size=64)
+    return client, private, config, private._close
 
 
 def test_canary_hook_with_no_rows_leaves_training_bit_identical():

@@ -27,8 +27,7 @@ from fedsb_dp.federated.client import (
     sampling_probability,
 )
 from fedsb_dp.losses import example_losses
-
-TASK = "sequence-classification"
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION as TASK
 
 
 def _adapted(seed=0):
@@ -177,14 +176,13 @@ def test_noise_scale_matches_sigma_c_over_b():
 
 def test_frozen_tensors_unchanged_and_fingerprint_reported():
     from fedsb_dp.adapters import frozen_fingerprint
-    from fedsb_dp.federated.client import frozen_digest
 
     model = _adapted()
-    before = frozen_digest(model)
+    before = frozen_fingerprint(model, scope="all")
     update = DPClient("c", _Toy(16), _collate, task=TASK).train_round(
         GradSampleModule(model, loss_reduction="mean"), trainable_state(model),
         _local(noise_multiplier=1.0), noise_generator=_gen(0), sampling_generator=_gen(1))
-    assert frozen_digest(model) == before
+    assert frozen_fingerprint(model, scope="all") == before
     assert update.fingerprint == frozen_fingerprint(model)
 
 

@@ -29,8 +29,7 @@ from fedsb_dp.adapters.initializers import (
     sampled_clipped_sum,
 )
 from fedsb_dp.errors import ConfigError
-
-TASK = "sequence-classification"
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION as TASK
 
 
 def _model():

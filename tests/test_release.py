@@ -18,10 +18,10 @@ from fedsb_dp.federated import release
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
 from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION as TASK
 from fedsb_dp.sweep.archive import archive_runs
 from fedsb_dp.sweep.results import run_row
 
-TASK = "sequence-classification"
 SMALL = dict(max_train_records=240, max_eval_records=32, clients=3, rounds=2, local_steps=1,
              batch_size=8, max_length=32, rank=4)
 

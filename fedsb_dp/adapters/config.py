@@ -8,7 +8,9 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 
-# Per-architecture default targets (REFERENCE.md §1). Matched as whole dotted-name suffixes.
+# Per-architecture default targets, those the LoRA-SB authors adapt: attention query/value on
+# BERT-type encoders, every attention and MLP projection on decoder LLMs. Matched as whole
+# dotted-name suffixes.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "distilbert": ("q_lin", "v_lin"),

@@ -19,11 +19,12 @@ from fedsb_dp.adapters.initializers import LayerFactors
 from fedsb_dp.adapters.inject import (
     frozen_fingerprint,
     inject_adapters,
+    replace_submodule,
     sb_layers,
     trainable_state,
 )
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
-from fedsb_dp.models import find_head, find_pooler
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, find_head, find_pooler
 
 ADAPTER_WEIGHTS = "lora_sb_adapter.safetensors"
 ADAPTER_CONFIG = "lora_sb_config.json"
@@ -152,9 +153,7 @@ def unwrap_adapters(model: nn.Module, *, merge: bool) -> nn.Module:
             layer.merge(safe_merge=True)
         elif not merge and layer.merged:
             layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
     return model
 
 
@@ -191,7 +190,7 @@ def export_peft_adapter(
     directory: str,
     *,
     base_model: str,
-    task: str = "sequence-classification",
+    task: str = SEQUENCE_CLASSIFICATION,
 ) -> None:
     """Export as a standard PEFT LoRA adapter of rank r: lora_B = B·R, lora_A = A.
 
@@ -224,7 +223,7 @@ def export_peft_adapter(
         lora_dropout=0.0,
         target_modules=sorted(layers),
         modules_to_save=sorted(heads) or None,
-        task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if task == SEQUENCE_CLASSIFICATION else TaskType.CAUSAL_LM,
         init_lora_weights=False,
     )
     base = unwrap_adapters(copy.deepcopy(model), merge=False)

@@ -1,7 +1,7 @@
 """Initialisers of the frozen factors B, A (and R⁰), each with the privacy event it incurs.
 
 LoRA-SB's own initialiser (``gradient-svd``) looks at training data, so it is a release: it comes
-in three explicitly named data sources (REFERENCE.md §2):
+in three explicitly named data sources (docs/privacy.md, "Initialisation"):
 
 * ``public``: gradients on a dataset the user declares public (never the clients' own
   records); no private record is touched (``NoOpDpEvent``).
@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from accounting.events import (
-    GaussianDpEvent,
     NonPrivateDpEvent,
     NoOpDpEvent,
     PoissonSampledDpEvent,
+    sampled_gaussian_event,
 )
+from fedsb_dp.clipping import clip_factors, joint_norms
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.losses import example_losses
 
@@ -295,8 +296,7 @@ def clipped_gradient_sum(
             for batch in _batches(dataset, collate, indices=indices, batch_size=batch_size):
                 example_losses(wrapped, batch, task=task).sum().backward()
                 per_example = {n: layer.weight.grad_sample for n, layer in targets.items()}
-                squared = sum(g.flatten(1).pow(2).sum(dim=1) for g in per_example.values())
-                factor = (max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+                factor = clip_factors(joint_norms(per_example.values()), max_grad_norm)
                 for name, g in per_example.items():
                     sums[name] += torch.einsum("b,b...->...", factor, g)
                 wrapped.zero_grad(set_to_none=True)
@@ -422,10 +422,10 @@ def dp_gradient_sum(
 def dp_init_event(expected_examples: int, num_records: int, *, noise_multiplier: float,
                   client_id: str = "the client") -> PoissonSampledDpEvent:
     """What one client's DP gradient-SVD init releases: SGM(n_init / N_i, σ_init)."""
-    return PoissonSampledDpEvent(
+    return sampled_gaussian_event(
         sampling_probability=init_sampling_probability(expected_examples, num_records,
                                                        client_id=client_id),
-        event=GaussianDpEvent(noise_multiplier=noise_multiplier))
+        noise_multiplier=noise_multiplier)
 
 
 def gradient_svd_init(

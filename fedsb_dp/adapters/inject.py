@@ -10,7 +10,7 @@ from torch import nn
 
 from fedsb_dp.adapters.config import SBConfig
 from fedsb_dp.adapters.layer import SBLinear
-from fedsb_dp.errors import AdapterMismatchError, ModelStructureError
+from fedsb_dp.errors import AdapterMismatchError, ConfigError, ModelStructureError
 from fedsb_dp.models import find_head, find_pooler
 
 
@@ -59,12 +59,7 @@ def find_target_modules(
             found[name] = module
     if rank is not None:
         for name, module in found.items():
-            limit = min(module.out_features, module.in_features)
-            if not 1 <= rank <= limit:
-                raise ModelStructureError(
-                    f"rank={rank} does not fit layer {name!r} "
-                    f"({module.out_features}×{module.in_features}): valid range is 1..{limit}"
-                )
+            check_rank_fits(name, module, rank)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
@@ -74,7 +69,18 @@ def sb_layers(model: nn.Module) -> dict[str, SBLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SBLinear)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def check_rank_fits(name: str, layer: nn.Linear, rank: int) -> None:
+    """Raise :class:`ModelStructureError` unless 1 ≤ ``rank`` ≤ min(m, n) of ``layer``."""
+    limit = min(layer.out_features, layer.in_features)
+    if not 1 <= rank <= limit:
+        raise ModelStructureError(
+            f"rank={rank} does not fit layer {name!r} "
+            f"({layer.out_features}×{layer.in_features}): valid range is 1..{limit}"
+        )
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule called ``name`` (a qualified name) is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -105,7 +111,7 @@ def inject_adapters(
             base, B=layer_factors.B, R=layer_factors.R, A=layer_factors.A,
             dropout=config.dropout, scaling=config.scaling,
         )
-        _set_submodule(model, name, wrapped)
+        replace_submodule(model, name, wrapped)
     mark_trainable(model, train_head=config.train_head, train_pooler=config.train_pooler)
     return sb_layers(model)
 
@@ -154,16 +160,32 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def frozen_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every adapter's B and A and every frozen head tensor.
+#: What :func:`frozen_fingerprint` hashes: the frozen tensors clients must share, or all.
+FINGERPRINT_SCOPES = ("shared", "all")
 
-    Fed-SB is exact only if every client holds bit-identical B and A; the server compares this
-    hash with each client's. For the LoRA baselines it covers the frozen factors (FFA-LoRA's A)
-    and the adapted layers' base weights, which FedEx-LoRA and FLoRA change every round.
+
+def frozen_fingerprint(model: nn.Module, *, scope: str = "shared") -> str:
+    """SHA-256 over frozen tensors of ``model``.
+
+    ``scope="shared"``: every adapter's B and A and every frozen head tensor. Fed-SB is exact
+    only if every client holds bit-identical B and A; the server compares this hash with each
+    client's (it also travels in adapter files). For the LoRA baselines it covers the frozen
+    factors (FFA-LoRA's A) and the adapted layers' base weights, which FedEx-LoRA and FLoRA
+    change every round.
+
+    ``scope="all"``: every frozen parameter and buffer of the model, base model included —
+    what a client's local training must leave untouched.
+
+    Raises:
+        ConfigError: For a scope not in :data:`FINGERPRINT_SCOPES`.
     """
+    if scope == "all":
+        return _sha256([(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+                       + list(model.named_buffers()))
+    if scope != "shared":
+        raise ConfigError(f"scope={scope!r} is not one of {FINGERPRINT_SCOPES}")
     from fedsb_dp.adapters.lora import lora_layers
 
-    digest = hashlib.sha256()
     tensors: list[tuple[str, torch.Tensor]] = []
     for name, layer in sb_layers(model).items():
         tensors += [(f"{name}.B", layer.lora_sb_B), (f"{name}.A", layer.lora_sb_A)]
@@ -177,6 +199,11 @@ def frozen_fingerprint(model: nn.Module) -> str:
         tensors += [
             (f"{head[0]}.{n}", p) for n, p in head[1].named_parameters() if not p.requires_grad
         ]
+    return _sha256(tensors)
+
+
+def _sha256(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
     for name, tensor in tensors:
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())

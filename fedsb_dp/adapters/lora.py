@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedsb_dp.errors import ConfigError, ModelStructureError
+from fedsb_dp.adapters.inject import check_rank_fits, replace_submodule
+from fedsb_dp.errors import ConfigError
 
 
 class LoRALinear(nn.Module):
@@ -123,36 +124,12 @@ def inject_lora(
     Returns:
         The injected layers.
     """
+    for name, base in targets.items():  # every layer first: a bad rank changes nothing
+        check_rank_fits(name, base, rank)
     for name, base in targets.items():
-        limit = min(base.out_features, base.in_features)
-        if not 1 <= rank <= limit:
-            raise ModelStructureError(
-                f"rank={rank} does not fit layer {name!r} ({base.out_features}×"
-                f"{base.in_features}): valid range is 1..{limit}")
         A = lora_init_A(rank, base.in_features, generator).to(base.weight.dtype)
         B = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
         wrapped = LoRALinear(base, A=A, B=B, scaling=scaling, dropout=dropout, train_A=train_A)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapped)
+        replace_submodule(model, name, wrapped)
     return lora_layers(model)
-
-
-@torch.no_grad()
-def reset_lora(model: nn.Module, generator: torch.Generator) -> None:
-    """Fresh A (from ``generator``) and B = 0 in every LoRA layer (FLoRA's per-round restart)."""
-    for layer in lora_layers(model).values():
-        layer.lora_A.weight.copy_(lora_init_A(layer.rank, layer.lora_A.in_features, generator))
-        layer.lora_B.weight.zero_()
-
-
-def merge_lora_layers(model: nn.Module) -> nn.Module:
-    """Replace every LoRA wrapper by its base layer with ΔW folded in (for export)."""
-    for name, layer in lora_layers(model).items():
-        with torch.no_grad():
-            layer.base_layer.weight.add_(layer.get_delta_weight())
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
-    return model
 

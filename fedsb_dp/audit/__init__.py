@@ -19,7 +19,6 @@ _EXPORTS = {
     "AuditReport": "accounting.audit", "audit_run": "accounting.audit",
     "audit_sweep": "accounting.audit", "load_run": "accounting.audit",
     "OneRunAuditResult": "fedsb_dp.audit.one_run", "one_run_audit": "fedsb_dp.audit.one_run",
-    "tiny_setting": "fedsb_dp.audit.one_run",
     "StepAuditResult": "fedsb_dp.audit.step", "epsilon_table": "fedsb_dp.audit.step",
     "real_step_matches": "fedsb_dp.audit.step", "step_audit": "fedsb_dp.audit.step",
 }

@@ -21,11 +21,8 @@ def audit_command(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: ``--empirical`` on a client-level run (before anything is printed).
     """
-    import logging
-
     from accounting.audit import audit_sweep, is_run_dir
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP order warnings at small σ
     if args.empirical and is_run_dir(args.run_dir):
         _refuse_client_level(args.run_dir)
     report = audit_sweep(args.run_dir)

@@ -16,7 +16,6 @@ with the same canaries). The bound is loose by design — a soundness alarm, nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,19 +25,11 @@ from torch import nn
 from accounting.accountants import compute_epsilon
 from accounting.empirical import OneRunBound, one_run_epsilon_from_scores
 from accounting.events import SelfComposedDpEvent
-from fedsb_dp.adapters import (
-    LayerFactors,
-    SBConfig,
-    find_target_modules,
-    inject_adapters,
-    random_orthonormal_init,
-    trainable_state,
-)
+from fedsb_dp.adapters import trainable_state
 from fedsb_dp.adapters.inject import sb_layers
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
 
-TASK = "sequence-classification"
 CANARY_NORM = 2.0  # canary gradient norm in units of C, so the clip is exercised
 
 
@@ -174,60 +165,3 @@ def one_run_audit(
                             delta=delta).epsilon
     return OneRunAuditResult(bound, claim, values[included.numpy()], values[~included.numpy()],
                              steps, q, config.noise_multiplier)
-
-
-class _TokenDataset(torch.utils.data.Dataset):
-    """Random token sequences with binary labels (the tiny audit setting's records)."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.ids = torch.randint(1, 100, (n, 12), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    ids = torch.stack([e["input_ids"] for e in examples])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.stack([e["labels"] for e in examples])}
-
-
-def tiny_setting(*, records: int = 32, expected_batch_size: int = 16, local_steps: int = 16,
-                 noise_multiplier: float = 3.0, max_grad_norm: float = 0.1, rank: int = 16,
-                 learning_rate: float = 0.05, seed: int = 0,
-                 ) -> tuple[DPClient, nn.Module, LocalTrainingConfig, Callable[[], None]]:
-    """A small real setting for the one-run audit.
-
-    A 2-layer random BERT with SB adapters (r = 16 on query/value: an R-space of 1,024
-    dimensions) and one client holding ``records`` random token records.
-
-    Returns:
-        The client, the model in ``GradSampleModule``, the training config, and a ``close``
-        callable that removes Opacus' hooks.
-    """
-    from opacus import GradSampleModule
-    from transformers import BertConfig, BertForSequenceClassification
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the random base model of the audit
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=48, max_position_embeddings=64, num_labels=2,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).train()
-    sb = SBConfig(rank=rank, target_modules=("query", "value"))
-    targets = find_target_modules(model, sb.target_modules, rank=rank)
-    init = random_orthonormal_init(targets, rank=rank, seed=seed)
-    inject_adapters(model, {n: LayerFactors(f.B, 0.01 * torch.randn(rank, rank, generator=gen),
-                                            f.A) for n, f in init.factors.items()}, sb)
-    private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    client = DPClient("audit-client", _TokenDataset(records, gen), _collate, task=TASK)
-    config = LocalTrainingConfig(expected_batch_size=expected_batch_size,
-                                 local_steps=local_steps, learning_rate=learning_rate,
-                                 optimizer="sgd", max_grad_norm=max_grad_norm,
-                                 noise_multiplier=noise_multiplier, max_physical_batch_size=64)
-    return client, private, config, private._close

@@ -1,4 +1,4 @@
-"""Step-level many-run audit of the client's clip + noise step (REFERENCE §9).
+"""Step-level many-run audit of the client's clip + noise step (docs/privacy.md, "Auditing").
 
 The toolkit's DP-SGD step is run on D and on D' = D ∪ {canary}, where the canary's per-example
 gradient points along a unit direction u of R-space, and the released update is projected on u.
@@ -40,8 +40,8 @@ from accounting.accountants import compute_epsilon
 from accounting.empirical import GdpFit, fit_gdp, gdp_epsilon
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION
 
-TASK = "sequence-classification"
 CANARY_SCALE = 10.0  # the canary's raw gradient norm in units of C: clipping must bite
 
 
@@ -150,7 +150,8 @@ class _StepHarness:
         self.u = torch.randn(rank, rank, generator=gen)
         self.u /= self.u.norm()
         # A DPClient only to reach its optimizer factory: the audited configuration.
-        self.client = DPClient("audit", [{}] * config.expected_batch_size, list, task=TASK)
+        self.client = DPClient("audit", [{}] * config.expected_batch_size, list,
+                               task=SEQUENCE_CLASSIFICATION)
         self.records = _per_example_grads(self.model, config.expected_batch_size,
                                           features=self.features, classes=self.classes,
                                           generator=gen)

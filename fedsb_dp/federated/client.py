@@ -19,7 +19,6 @@ stops a run, and that is a function of released values.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from accounting.events import GaussianDpEvent, PoissonSampledDpEvent
+from accounting.events import PoissonSampledDpEvent, sampled_gaussian_event
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import ConfigError, FedSBError
@@ -95,10 +94,9 @@ class LocalTrainingConfig:
 
     def step_event(self, num_records: int) -> PoissonSampledDpEvent:
         """The event of one logical step on a client holding ``num_records`` records."""
-        return PoissonSampledDpEvent(
+        return sampled_gaussian_event(
             sampling_probability=sampling_probability(self.expected_batch_size, num_records),
-            event=GaussianDpEvent(noise_multiplier=self.noise_multiplier),
-        )
+            noise_multiplier=self.noise_multiplier)
 
 
 def sampling_probability(expected_batch_size: int, num_records: int) -> float:
@@ -137,20 +135,6 @@ class ClientUpdate:
     steps: int
     event: PoissonSampledDpEvent
     fingerprint: str
-
-
-def frozen_digest(model: nn.Module) -> str:
-    """SHA-256 of every tensor that must not change during training (frozen params, buffers)."""
-    digest = hashlib.sha256()
-    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    tensors += list(model.named_buffers())
-    for name, tensor in tensors:
-        data = tensor.detach().contiguous()
-        digest.update(name.encode())
-        # reshape(-1): a size-1 dim can leave a 'contiguous' tensor with stride(-1) ≠ 1
-        # (rank-1 factors), which a dtype-changing view refuses
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def poisson_indices(num_records: int, q: float, generator: torch.Generator) -> torch.Tensor:
@@ -308,7 +292,7 @@ class DPClient:
             model = private_model._module if hasattr(private_model, "_module") else private_model
             set_trainable_state(model, global_state)
             model.train()
-            before = frozen_digest(model)
+            before = frozen_fingerprint(model, scope="all")
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = self._optimizer(params, config, noise_generator)
             q = sampling_probability(config.expected_batch_size, self.num_records)
@@ -336,7 +320,7 @@ class DPClient:
                 steps += 1
                 if on_step is not None:
                     on_step(step)
-            if frozen_digest(model) != before:
+            if frozen_fingerprint(model, scope="all") != before:
                 raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
             state = trainable_state(model)
             if all(torch.equal(state[k], global_state[k]) for k in state):

@@ -1,22 +1,22 @@
 """Client-level DP aggregation: the unit protected is a whole client's data.
 
 Each participating client's update ΔRᵢ = Rᵢ − R̄ (all trainable tensors jointly) is clipped to
-norm S; the server sums the clipped updates, adds N(0, z²S²) to every coordinate and divides
-by a fixed public denominator (the expected cohort size p·n, never the realised one). An update
-with a NaN/inf entry counts as zero (within the sensitivity S), so one client's data cannot
-stop the run. With
-clients joining each round independently with probability p, one round is
-``PoissonSampledDpEvent(p, GaussianDpEvent(z))`` over clients (REFERENCE.md §7).
+norm S (:mod:`fedsb_dp.clipping`, the formula of Opacus' per-example clip); the server sums the
+clipped updates, adds N(0, z²S²) to every coordinate and divides by a fixed public denominator
+(the expected cohort size p·n, never the realised one). An update with a NaN/inf entry counts
+as zero (within the sensitivity S), so one client's data cannot stop the run. With clients
+joining each round independently with probability p, one round is
+``PoissonSampledDpEvent(p, GaussianDpEvent(z))`` over clients (docs/privacy.md, "Trust model").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedsb_dp.clipping import clip_factors, joint_norms
 from fedsb_dp.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,12 @@ def clipped_noisy_mean(
     for state in client_states:
         delta = {k: state[k].to(torch.float64) - global_state[k].to(torch.float64)
                  for k in global_state}
-        norm = torch.sqrt(sum(d.pow(2).sum() for d in delta.values())).item()
-        if not math.isfinite(norm):
+        norm = joint_norms(d.unsqueeze(0) for d in delta.values())
+        if not torch.isfinite(norm).all():
             # Before the noise this is private: no error, no stop, just no contribution.
             logger.debug("a non-finite client update was counted as zero")
             continue
-        factor = min(1.0, clip_norm / (norm + 1e-12))
+        factor = clip_factors(norm, clip_norm)[0]
         for k in total:
             total[k] += factor * delta[k]
     out = {}

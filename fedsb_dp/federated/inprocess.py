@@ -32,7 +32,6 @@ from fedsb_dp.federated.initialisation import (
 from fedsb_dp.federated.protocol import ClientReply, NoUpdate, Prepared, RoundProtocol
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.setup import (
-    TASK,
     Evaluator,
     inject,
     load_base_model,
@@ -42,7 +41,7 @@ from fedsb_dp.federated.setup import (
     partition_frames,
     targets_of,
 )
-from fedsb_dp.models import pooling_of
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, pooling_of
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: 
     return gradient_svd_init(
         model, targets_of(config, model),
         init_datasets(config, {cid: c.dataset for cid, c in clients.items()}, public_init),
-        first.collate, task=TASK, rank=config.rank, source=config.init_source,
+        first.collate, task=SEQUENCE_CLASSIFICATION, rank=config.rank, source=config.init_source,
         n_init=config.init_examples, lr_eff=config.init_lr,
         max_grad_norm=config.init_clip_norm, noise_multiplier=config.init_noise_multiplier,
         sampling_generators=sampling, noise_generators=noise,

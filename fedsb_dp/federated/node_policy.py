@@ -33,12 +33,11 @@ from accounting import (
     BudgetExceededError,
     BudgetGuard,
     FederatedPlan,
-    GaussianDpEvent,
-    PoissonSampledDpEvent,
     PrivacyLedger,
     calibrate_noise_multiplier,
 )
 from accounting.errors import AccountingError
+from accounting.events import sampled_gaussian_event
 from fedsb_dp.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -386,9 +385,9 @@ class NodePrivacyPolicy:
                                    f"already holds {steps} steps, the plan allows "
                                    f"{(last_round + 1) * plan.local_steps}")
         epsilon, delta, accountant = self._targets(plan)
-        step = PoissonSampledDpEvent(
+        step = sampled_gaussian_event(
             sampling_probability=plan.expected_batch_size / num_records,
-            event=GaussianDpEvent(noise_multiplier=plan.noise_multiplier))
+            noise_multiplier=plan.noise_multiplier)
         guard = BudgetGuard(ledger, target_epsilon=epsilon, delta=delta, accountant=accountant)
         try:
             token = guard.reserve_round({client_id: (step, plan.local_steps)},

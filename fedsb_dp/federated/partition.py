@@ -193,13 +193,18 @@ def partition_records(labels: np.ndarray, spec: PartitionSpec | str, *, num_clie
     return parts
 
 
+def client_id(index: int) -> str:
+    """Ledger key of the client holding partition ``index`` (``"client-0"``, …)."""
+    return f"client-{index}"
+
+
 def check_partition(parts: list[np.ndarray], num_records: int, *, min_records: int = 1) -> None:
     """Disjoint, complete, every client ≥ ``min_records`` (raises ConfigError otherwise)."""
     joined = np.concatenate(parts) if parts else np.array([], dtype=np.int64)
     if len(joined) != num_records or len(np.unique(joined)) != num_records \
             or (num_records and (joined.min() < 0 or joined.max() >= num_records)):
         raise ConfigError("partition is not disjoint and complete")  # a bug, not bad input
-    small = {f"client-{i}": len(p) for i, p in enumerate(parts) if len(p) < min_records}
+    small = {client_id(i): len(p) for i, p in enumerate(parts) if len(p) < min_records}
     if small:
         raise ConfigError(f"clients {small} hold fewer than {min_records} records")
 
@@ -209,7 +214,7 @@ def partition_report(labels: np.ndarray, parts: list[np.ndarray],
     """Per client: size and label histogram (written to the run directory)."""
     labels = np.asarray(labels)
     return {
-        f"client-{i}": {
+        client_id(i): {
             "records": int(len(part)),
             "labels": {name: int(np.sum(labels[part] == k)) for k, name in enumerate(label_names)},
         }
@@ -222,6 +227,6 @@ def client_frames(frame: pd.DataFrame, parts: list[np.ndarray]) -> dict[str, pd.
     out = {}
     for index, part in enumerate(parts):
         if len(part) == 0:
-            raise ConfigError(f"client-{index} received no records")
-        out[f"client-{index}"] = frame.iloc[part].reset_index(drop=True)
+            raise ConfigError(f"{client_id(index)} received no records")
+        out[client_id(index)] = frame.iloc[part].reset_index(drop=True)
     return out

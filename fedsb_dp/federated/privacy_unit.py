@@ -24,7 +24,7 @@ from accounting.events import (
     DpEvent,
     GaussianDpEvent,
     NonPrivateDpEvent,
-    PoissonSampledDpEvent,
+    sampled_gaussian_event,
 )
 from accounting.plan import RecordedPlan
 from fedsb_dp.federated import release
@@ -234,11 +234,10 @@ class ClientLevelDP(PrivacyUnit):
         del sizes, participants
         if not self.config.private:
             return {FEDERATION: (NonPrivateDpEvent(), 1)}
-        gaussian = GaussianDpEvent(noise_multiplier=sigma)
         if self.config.participation >= 1:
-            return {FEDERATION: (gaussian, 1)}
-        return {FEDERATION: (PoissonSampledDpEvent(
-            sampling_probability=self.config.participation, event=gaussian), 1)}
+            return {FEDERATION: (GaussianDpEvent(noise_multiplier=sigma), 1)}
+        return {FEDERATION: (sampled_gaussian_event(
+            sampling_probability=self.config.participation, noise_multiplier=sigma), 1)}
 
     def local_noise(self, sigma: float) -> float:
         """None: the server adds the noise."""

@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from accounting.accountants import ACCOUNTANTS
 from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
 from fedsb_dp.data import DEFAULT_DATASET
 from fedsb_dp.errors import ConfigError, SettingError
@@ -18,7 +19,6 @@ from fedsb_dp.federated.settings import check_type, setting, settings_of
 from fedsb_dp.methods import METHODS, method_class
 from fedsb_dp.models import DEFAULT_MODEL, POOLINGS
 
-ACCOUNTANTS = ("prv", "pld", "rdp")
 DP_LEVELS = ("example", "client")
 
 

@@ -31,18 +31,17 @@ from fedsb_dp.data import (
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient
 from fedsb_dp.federated.evaluation import evaluate_classifier
-from fedsb_dp.federated.partition import client_frames, partition_records, partition_report
+from fedsb_dp.federated.partition import (
+    client_frames,
+    client_id,
+    partition_records,
+    partition_report,
+)
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.methods import FederatedMethod, method_class
-from fedsb_dp.models import LoadedModel, load_model
+from fedsb_dp.models import SEQUENCE_CLASSIFICATION, LoadedModel, load_model
 
-TASK = "sequence-classification"
 CENTRAL = "central"  # the single client of the centralised references
-
-
-def client_id(index: int) -> str:
-    """Ledger key of the client holding partition ``index``."""
-    return f"client-{index}"
 
 
 def client_ids(config: RunConfig) -> list[str]:
@@ -84,7 +83,8 @@ def load_data(config: RunConfig, path: str | None = None, *,
 
 def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
     """The pretrained model with a fresh head, dropout off unless asked for (no adapters)."""
-    loaded = load_model(config.model, task=TASK, num_labels=num_labels, pooling=config.pooling)
+    loaded = load_model(config.model, task=SEQUENCE_CLASSIFICATION, num_labels=num_labels,
+                        pooling=config.pooling)
     if not config.model_dropout:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -167,7 +167,7 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
 def make_client(cid: str, frame: pd.DataFrame, config: RunConfig, tokenizer: Any) -> DPClient:
     """A DP-SGD client over its tokenised records."""
     dataset = TokenizedDataset(frame, tokenizer, max_length=config.max_length)
-    return DPClient(cid, dataset, make_collate(tokenizer), task=TASK)
+    return DPClient(cid, dataset, make_collate(tokenizer), task=SEQUENCE_CLASSIFICATION)
 
 
 def node_client(config: RunConfig, *, partition_id: int, num_partitions: int,

@@ -27,6 +27,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsb_dp.adapters import frozen_fingerprint
+from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.protocol import Prepared, RoundProtocol
@@ -125,8 +126,6 @@ def _prepare(config: RunConfig, progress: dict[str, Any] | None,
 
 def run_server(grid: Grid, config: RunConfig, options: FlowerOptions) -> dict[str, Any]:
     """The whole server side of a Flower run (new, or resumed with ``options.resume``)."""
-    # dp_accounting's RDP cross-check warns per skipped order at small σ (as in the CLI).
-    logging.getLogger("absl").setLevel(logging.ERROR)
     out = os.path.abspath(config.out or rd.default_run_dir())
     progress = None
     if options.resume:
@@ -170,6 +169,9 @@ def make_server_app(config: RunConfig | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         if config is None:
+            # Started by Flower (``flwr run``): this process is ours to configure, as the CLI
+            # configures its own; a caller that passes ``config`` keeps its logging as it is.
+            quiet_expected_warnings(transformers_reports=False)
             run, opts = from_flower(context.run_config)
         else:
             run, opts = config, options or FlowerOptions()

@@ -19,10 +19,6 @@ from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
 
 
-def _label(row: Any) -> str:
-    return f"{row['method']} r={row['rank']}"
-
-
 def aggregate(frame):
     """Mean ± std over seeds per (partition, method, rank, target ε)."""
     grouped = frame.groupby(["partition", "method", "rank", "target_epsilon"], sort=True)

@@ -1,4 +1,5 @@
-"""Accountants against REFERENCE.md §8, cross-accountant invariants, monotonicity."""
+"""Accountants against the reference values of docs/accounting.md, cross-accountant invariants,
+monotonicity."""
 
 from __future__ import annotations
 

@@ -15,11 +15,13 @@ from accounting import (
     GaussianDpEvent,
     PoissonSampledDpEvent,
     PrivacyLedger,
+    SelfComposedDpEvent,
     calibrate_noise_multiplier,
     epsilon_for_plan,
     max_rounds_within_budget,
 )
 from accounting.errors import AccountingError
+from accounting.events import sampled_gaussian_event
 
 
 def _plan(q=0.04, steps=2000, rounds=1, **kwargs):
@@ -82,6 +84,15 @@ def test_participation_counts_only_joined_rounds():
     a = plan.client_event("a", 1.0)
     b = plan.client_event("b", 1.0)
     assert a.events[-1].count == 30 and b.events[-1].count == 100
+
+
+def test_the_plan_charges_the_same_step_event_as_the_client_and_the_node():
+    # Calibration, the client's ledger entry and a Flower node's reservation all build the
+    # DP-SGD step with sampled_gaussian_event; σ and q must land in their own fields.
+    step = PoissonSampledDpEvent(0.05, GaussianDpEvent(1.3))
+    assert sampled_gaussian_event(sampling_probability=0.05, noise_multiplier=1.3) == step
+    event = _plan(q=0.05, steps=10, rounds=3).client_event("a", 1.3)
+    assert event.events == (SelfComposedDpEvent(step, 30),)
 
 
 def test_unreachable_targets_name_the_knob():

@@ -49,7 +49,7 @@ def test_gdp_epsilon_of_one_gaussian_step(sigma, expected):
 
 
 def test_gdp_delta_matches_reference_closed_form():
-    # REFERENCE §8: σ=√3, 3 steps ⇒ μ = 1; δ(ε=1) = Φ(−½) − eΦ(−3/2).
+    # Closed form (docs/accounting.md): σ=√3, 3 steps ⇒ μ = 1; δ(ε=1) = Φ(−½) − eΦ(−3/2).
     assert gdp_delta(1.0, 1.0) == pytest.approx(0.1269367375, abs=1e-10)
     assert gdp_delta(gdp_epsilon(2.0, 1e-7), 2.0) == pytest.approx(1e-7, rel=1e-6)
     assert gdp_epsilon(0.0, 1e-5) == 0.0
@@ -79,9 +79,10 @@ def _deterministic_normal(shift: float, n: int) -> np.ndarray:
 @pytest.mark.parametrize(("shift", "expected"),
                          [(0, 0.0), (1, 1.13346), (2, 2.311945), (4, 4.395568)])
 def test_p_value_reproduces_the_frontier_reference_values(shift, expected):
-    # REFERENCE §9 / jax_privacy's test: n = 10,000 each, δ = 1e-6, 95 %, Bonferroni over the
-    # ROC frontier. That correction is not what the audit uses (the frontier is chosen from the
-    # scores), but recomputing it here pins one_run_p_value / one_run_epsilon to the reference.
+    # jax_privacy's test (docs/privacy.md, "Auditing"): n = 10,000 each, δ = 1e-6, 95 %,
+    # Bonferroni over the ROC frontier. That correction is not what the audit uses (the
+    # frontier is chosen from the scores), but recomputing it here pins one_run_p_value /
+    # one_run_epsilon to the reference.
     inn, out = _deterministic_normal(shift, 10_000), _deterministic_normal(0, 10_000)
     tp, fp = roc_frontier(inn, out)
     eps, _, _ = best_one_run_epsilon(20_000, tp + fp, tp, delta=1e-6, level=0.05 / len(tp))
