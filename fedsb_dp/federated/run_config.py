@@ -78,7 +78,8 @@ class RunConfig:
         "comma-separated", unset="every client at --rank")
     targets: tuple[str, ...] | None = setting(
         None, "target modules, comma-separated", unset="per model")
-    train_head: bool = setting(True, "train the classification head",
+    train_head: bool = setting(True, "train the classification head (classifiers only: a "
+                               "decoder's LM head stays frozen)",
                                off_alias="--frozen-head")
     train_pooler: bool = setting(
         False, "also train a BERT-style pooler with the head (the offline MiniLM's pooler "
@@ -261,6 +262,12 @@ class RunConfig:
             raise ConfigError(f"init_source='public' reads a labelled classification dataset; "
                               f"with task='{CAUSAL_LM}' use --init-source dp or a data-free "
                               "--init")
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether a task head trains: a classifier's head if asked, never a decoder's LM head
+        (tied to the embeddings, vocabulary × hidden parameters to noise and send)."""
+        return self.train_head and self.task != CAUSAL_LM
 
     @property
     def lm_format(self) -> str | None:

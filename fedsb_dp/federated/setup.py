@@ -113,7 +113,7 @@ def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
 def sb_config(config: RunConfig) -> SBConfig:
     """The LoRA-SB adapter settings of a run."""
     return SBConfig(rank=config.rank, target_modules=config.targets,
-                    dropout=config.adapter_dropout, train_head=config.train_head,
+                    dropout=config.adapter_dropout, train_head=config.trains_head,
                     train_pooler=config.train_pooler)
 
 
@@ -122,7 +122,7 @@ def make_method(config: RunConfig) -> FederatedMethod:
     cls, _ = method_class(config.method)
     scaling = 1.0 if cls.adapter == "lora-sb" else config.lora_scaling
     return cls(rank=config.rank, scaling=scaling, dropout=config.adapter_dropout,
-               train_head=config.train_head, train_pooler=config.train_pooler)
+               train_head=config.trains_head, train_pooler=config.train_pooler)
 
 
 def targets_of(config: RunConfig, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

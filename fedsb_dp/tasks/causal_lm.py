@@ -113,6 +113,11 @@ def make_lm_collate(tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str
     return collate
 
 
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 or wider: a half-precision softmax over a large vocabulary is coarse."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
     """The decoder stack, the LM head and the final-logit soft cap of a causal LM."""
     core = getattr(model, "_module", model)  # Opacus' GradSampleModule keeps its hooks inside
@@ -130,14 +135,15 @@ def response_token_losses(model: nn.Module, batch: dict[str, torch.Tensor],
     Only the hidden states that predict a target reach the LM head.
 
     Returns:
-        ``(losses, rows)``: float32 losses of the batch's target tokens and their example index.
+        ``(losses, rows)``: losses of the batch's target tokens (float32 or wider) and the
+        index of the example each belongs to.
     """
     decoder, head, softcap = _decoder_and_head(model)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=batch["position_ids"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = head(hidden[:, :-1][rows, columns]).float()
+    logits = _widened(head(hidden[:, :-1][rows, columns]))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets[rows, columns], reduction="none"), rows
@@ -175,7 +181,7 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], *, steps: i
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         hidden = decoder(input_ids=ids, attention_mask=mask,
                          position_ids=positions).last_hidden_state[:, -1]
-        logits = head(hidden).float()
+        logits = _widened(head(hidden))
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         token = logits.argmax(dim=-1, keepdim=True)
