@@ -144,11 +144,13 @@ def decoder_dir(tmp_path_factory):
 
 
 TINY_LM = dict(task="causal-lm", max_train_records=48, max_eval_records=8, clients=2, rounds=2,
-               local_steps=2, batch_size=6, max_length=32, rank=4, seed=7, epsilon=8.0, init="random-orthonormal", learning_rate=0.02)
+               local_steps=2, batch_size=6, max_length=32, rank=4, seed=7, epsilon=3.0,
+               accountant="rdp", init="random-orthonormal", learning_rate=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, {"method": "ffa-lora"},
-                                       {"dp_level": "client", "epsilon": 30.0}],
+                                       {"dp_level": "client", "epsilon": 10.0}],
                          ids=["fedsb", "ffa-lora", "fedsb-client-level"])
 def test_federated_dp_run_with_a_decoder_on_the_label_task(tmp_path, decoder_dir, overrides):
     config = RunConfig(**{**TINY_LM, "model": decoder_dir, **overrides,
@@ -174,6 +176,7 @@ def test_federated_dp_run_with_a_decoder_on_the_label_task(tmp_path, decoder_dir
                 for e in entries} == {(config.batch_size / 24, summary["noise_multiplier"])}
 
 
+@pytest.mark.slow
 def test_prompt_response_columns_and_a_single_text_column(tmp_path, decoder_dir):
     rows = [{"q": f"question {i} about item {i % 7}", "a": f"answer {i % 3}"} for i in range(60)]
     path = tmp_path / "qa.jsonl"
