@@ -265,8 +265,11 @@ class RunConfig:
 
     @property
     def trains_head(self) -> bool:
-        """Whether a task head trains: a classifier's head if asked, never a decoder's LM head
-        (tied to the embeddings, vocabulary × hidden parameters to noise and send)."""
+        """Whether a task head trains: a classifier's head if asked, never a decoder's LM head.
+
+        The LM head is usually tied to the embeddings: vocabulary × hidden parameters to noise
+        and send each round.
+        """
         return self.train_head and self.task != CAUSAL_LM
 
     @property

@@ -3,9 +3,9 @@
 Records are standardised frames (see :mod:`fedsb_dp.data`) read in one of three formats:
 
 * ``"label"`` — a classification dataset cast as text: the prompt is a template around the
-  text (``"Review: {text}\\nSentiment:"`` for Rotten Tomatoes) and the response is the label's
-  name (``" fresh"``); exact-match of greedy generation is then an accuracy comparable with a
-  classifier's.
+  text (``Review: {text}`` then ``Sentiment:`` on a new line, for Rotten Tomatoes) and the
+  response is the label's name (``" fresh"``); exact-match of greedy generation is then an
+  accuracy comparable with a classifier's.
 * ``"prompt-response"`` — ``text`` is the prompt, ``text_pair`` the response.
 * ``"text"`` — ``text`` is the whole response (empty prompt): plain language modelling.
 
