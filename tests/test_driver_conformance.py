@@ -16,6 +16,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_flower_strategy import FakeGrid, _task_identity  # noqa: E402, F401
+from tiny_decoder import save_tiny_decoder  # noqa: E402
 
 from fedsb_dp.federated.inprocess import run_federation  # noqa: E402
 from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
@@ -53,7 +54,19 @@ def _metrics(out: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_inprocess_and_flower_drivers_agree(tmp_path, case):
-    config = RunConfig(**{**TINY, **CASES[case], "out": str(tmp_path / "inprocess")})
+    _assert_drivers_agree(tmp_path, CASES[case])
+
+
+@pytest.mark.slow
+def test_drivers_agree_on_a_causal_lm_run(tmp_path):
+    # A tiny random decoder saved like a downloaded one: every node loads it by path.
+    model = save_tiny_decoder(str(tmp_path / "decoder"))
+    _assert_drivers_agree(tmp_path, {"task": "causal-lm", "model": model, "max_length": 24,
+                                     "max_eval_records": 6})
+
+
+def _assert_drivers_agree(tmp_path, overrides: dict) -> None:
+    config = RunConfig(**{**TINY, **overrides, "out": str(tmp_path / "inprocess")})
     local = run_federation(config, progress=False)
     flower_config = RunConfig.from_dict({**config.to_dict(), "out": str(tmp_path / "flower")})
     # Each node keeps its own ledger; a client-level node must opt in to trusting the server.

@@ -38,10 +38,11 @@ from fedsb_dp.federated.setup import (
     load_data,
     make_client,
     make_method,
+    make_task,
     partition_frames,
     targets_of,
 )
-from fedsb_dp.models import SEQUENCE_CLASSIFICATION, pooling_of
+from fedsb_dp.models import pooling_of
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def _prepare(config: RunConfig, data: TextClassificationData, *, partition_seed:
     """Partition, clients and model — everything that can fail before spending."""
     frames, partition = partition_frames(config, data, partition_seed=partition_seed)
     loaded = load_base_model(config, num_labels=data.num_labels)
-    clients = {cid: make_client(cid, frame, config, loaded.tokenizer)
+    task = make_task(config, data)
+    clients = {cid: make_client(cid, frame, config, loaded.tokenizer, task)
                for cid, frame in frames.items()}
     # Read before anything is spent, so a bad --init-data fails first.
     public_init = (load_public_init_data(config, label_names=data.label_names,
@@ -114,7 +116,7 @@ def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: 
     return gradient_svd_init(
         model, targets_of(config, model),
         init_datasets(config, {cid: c.dataset for cid, c in clients.items()}, public_init),
-        first.collate, task=SEQUENCE_CLASSIFICATION, rank=config.rank, source=config.init_source,
+        first.collate, task=config.task, rank=config.rank, source=config.init_source,
         n_init=config.init_examples, lr_eff=config.init_lr,
         max_grad_norm=config.init_clip_norm, noise_multiplier=config.init_noise_multiplier,
         sampling_generators=sampling, noise_generators=noise,

@@ -515,8 +515,8 @@ class RoundProtocol:
                                         for cid in ticket.participants}
         outcome.bytes_up = sum(outcome.bytes_up_by_client.values())
         outcome.bytes_down = sum(outcome.bytes_down_by_client.values())
-        outcome.metrics = {"validation_accuracy": None, "validation_loss": None,
-                           "validation_macro_f1": None}
+        evaluator = self.prepared.evaluator
+        outcome.metrics = {f"validation_{name}": None for name in evaluator.metric_names}
         if outcome.aggregated:
             progress["fingerprint"] = frozen_fingerprint(self.model)
             save_file(self.method.checkpoint_tensors(self.model),
@@ -527,10 +527,9 @@ class RoundProtocol:
                 cid: payload_bytes(self._sent(self.config, ticket.downlink, cid,
                                               self.client_ids))
                 for cid in self.client_ids}
-            result = self.prepared.evaluator.evaluate(self.model, "validation")
-            outcome.metrics = {"validation_accuracy": result["accuracy"],
-                               "validation_loss": result["loss"],
-                               "validation_macro_f1": result["macro_f1"]}
+            result = evaluator.evaluate(self.model, "validation")
+            outcome.metrics = {f"validation_{name}": result[name]
+                               for name in evaluator.metric_names}
         else:
             progress["failed_rounds"].append(ticket.round_index + 1)
         progress.update(completed_rounds=ticket.round_index + 1,
@@ -548,8 +547,8 @@ class RoundProtocol:
             "round_time_s": time.time() - ticket.started,
             "elapsed_s": time.time() - self.started}, dp_level=config.dp_level)
         rd.write_json_atomic(self.path(rd.PROGRESS), progress)
-        logger.info("round %d: validation accuracy %s, ε so far %.4g", ticket.round_index + 1,
-                    outcome.metrics["validation_accuracy"], epsilon)
+        logger.info("round %d: validation %s, ε so far %.4g", ticket.round_index + 1,
+                    outcome.metrics, epsilon)
 
     # ------------------------------------------------------------------ the end
     def stop(self, status: str, message: str) -> None:
@@ -576,8 +575,9 @@ class RoundProtocol:
             "status": self.status, "message": self.message, "engine": progress["engine"],
             "method": config.method,
             "partition": "pooled" if config.method_is_central else config.partition,
-            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-            "test_loss": test["loss"], "test_examples": test["examples"],
+            "task": config.task,
+            **{f"test_{name}": test[name]
+               for name in (*self.prepared.evaluator.metric_names, "examples")},
             "rounds_completed": progress["completed_rounds"],
             "rounds_aggregated": progress["aggregated_rounds"],
             "rounds_failed": progress["failed_rounds"], "rounds_planned": config.rounds,

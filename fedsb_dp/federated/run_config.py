@@ -17,7 +17,7 @@ from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.federated.settings import check_type, setting, settings_of
 from fedsb_dp.methods import METHODS, method_class
-from fedsb_dp.models import DEFAULT_MODEL, POOLINGS
+from fedsb_dp.models import CAUSAL_LM, DEFAULT_MODEL, POOLINGS, SEQUENCE_CLASSIFICATION, TASKS
 
 DP_LEVELS = ("example", "client")
 
@@ -78,7 +78,8 @@ class RunConfig:
         "comma-separated", unset="every client at --rank")
     targets: tuple[str, ...] | None = setting(
         None, "target modules, comma-separated", unset="per model")
-    train_head: bool = setting(True, "train the classification head",
+    train_head: bool = setting(True, "train the classification head (classifiers only: a "
+                               "decoder's LM head stays frozen)",
                                off_alias="--frozen-head")
     train_pooler: bool = setting(
         False, "also train a BERT-style pooler with the head (the offline MiniLM's pooler "
@@ -110,7 +111,16 @@ class RunConfig:
     init_text_pair_column: str | None = setting(None, "second text column of --init-data",
                                                 unset="none")
     init_label_column: str = setting("label", "label column of --init-data")
-    # data
+    # task and data
+    task: str = setting(
+        SEQUENCE_CLASSIFICATION, "what to fine-tune: sequence-classification (a head on an "
+        "encoder) or causal-lm (a decoder LM, loss on response tokens only)", choices=TASKS)
+    prompt_column: str | None = setting(
+        None, "causal-lm: prompt column (with --response-column)",
+        unset="none: a label task (prompt from --text-column, response = label name)")
+    response_column: str | None = setting(
+        None, "causal-lm: response column (alone: a single text column, all of it trained)",
+        unset="none")
     dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet "
                            "file, or a hub dataset name")
     text_column: str = setting("text", "text column")
@@ -205,6 +215,7 @@ class RunConfig:
                 "--allow-nonprivate-init to do it anyway, or use --init-source dp"
             )
 
+        self._check_task()
         self._check_init_data()
         if self.dp_level == "client" and self.init == "gradient-svd" and (
             self.init_source != "public"
@@ -229,6 +240,46 @@ class RunConfig:
         if self.method_is_central and self.partition != "iid":
             raise ConfigError(f"method={self.method!r} trains on the pooled data; "
                               f"partition={self.partition!r} does not apply")
+
+    def _check_task(self) -> None:
+        if self.task != CAUSAL_LM:
+            for name in ("prompt_column", "response_column"):
+                if getattr(self, name) is not None:
+                    raise SettingError(name, getattr(self, name),
+                                       f"needs task='{CAUSAL_LM}', not {self.task!r}")
+            return
+        if self.prompt_column is not None and self.response_column is None:
+            raise SettingError("prompt_column", self.prompt_column,
+                               "needs --response-column too (the tokens the loss covers)")
+        if self.prompt_column is not None and self.prompt_column == self.response_column:
+            raise SettingError("response_column", self.response_column,
+                               "must differ from --prompt-column")
+        for name in ("train_pooler", "text_pair_column"):
+            if getattr(self, name):
+                raise SettingError(name, getattr(self, name),
+                                   f"applies to classifiers, not task='{CAUSAL_LM}'")
+        if self.init == "gradient-svd" and self.init_source == "public":
+            raise ConfigError(f"init_source='public' reads a labelled classification dataset; "
+                              f"with task='{CAUSAL_LM}' use --init-source dp or a data-free "
+                              "--init")
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether a task head trains: a classifier's head if asked, never a decoder's LM head.
+
+        The LM head is usually tied to the embeddings: vocabulary × hidden parameters to noise
+        and send each round.
+        """
+        return self.train_head and self.task != CAUSAL_LM
+
+    @property
+    def lm_format(self) -> str | None:
+        """How a causal-LM run reads its records (see :mod:`fedsb_dp.tasks.causal_lm`)."""
+        if self.task != CAUSAL_LM:
+            return None
+        if self.response_column is None:
+            return "label"
+        return "text" if self.prompt_column is None else "prompt-response"
 
     def _check_init_data(self) -> None:
         public = self.init == "gradient-svd" and self.init_source == "public"

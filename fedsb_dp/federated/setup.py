@@ -24,13 +24,10 @@ from fedsb_dp.adapters import (
 from fedsb_dp.data import (
     IN_MEMORY_DATASET,
     TextClassificationData,
-    TokenizedDataset,
     load_text_classification,
-    make_collate,
 )
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient
-from fedsb_dp.federated.evaluation import evaluate_classifier
 from fedsb_dp.federated.partition import (
     client_frames,
     client_id,
@@ -39,7 +36,8 @@ from fedsb_dp.federated.partition import (
 )
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.methods import FederatedMethod, method_class
-from fedsb_dp.models import SEQUENCE_CLASSIFICATION, LoadedModel, load_model
+from fedsb_dp.models import CAUSAL_LM, LoadedModel, load_model
+from fedsb_dp.tasks import CausalLMTask, ClassificationTask, Task, label_prompt
 
 CENTRAL = "central"  # the single client of the centralised references
 
@@ -74,16 +72,36 @@ def load_data(config: RunConfig, path: str | None = None, *,
     if data is None and path is None and config.dataset == IN_MEMORY_DATASET:
         raise ConfigError("this run trained on in-memory data, which its directory does not "
                           "hold; pass the same data again: fedsb_dp.resume(run_dir, data=...)")
+    # A causal-LM run on prompt/response (or single text) columns has no labels; its prompt
+    # and response travel as the standard text and text-pair columns.
+    columns = {"text_column": config.text_column, "text_pair_column": config.text_pair_column,
+               "label_column": config.label_column}
+    if config.lm_format == "prompt-response":
+        columns = {"text_column": config.prompt_column,
+                   "text_pair_column": config.response_column, "label_column": None}
+    elif config.lm_format == "text":
+        columns = {"text_column": config.response_column, "text_pair_column": None,
+                   "label_column": None}
     return load_text_classification(
-        data if data is not None else path or config.dataset, text_column=config.text_column,
-        text_pair_column=config.text_pair_column, label_column=config.label_column,
+        data if data is not None else path or config.dataset, **columns,
         max_train_records=None if path else config.max_train_records,
     )
 
 
+def make_task(config: RunConfig, data: TextClassificationData) -> Task:
+    """The run's task over its data (labels, and for causal LMs the record format)."""
+    if config.task == CAUSAL_LM:
+        return CausalLMTask(config.lm_format, label_names=tuple(data.label_names),
+                            prompt_template=label_prompt(config.dataset))
+    return ClassificationTask(tuple(data.label_names))
+
+
 def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
-    """The pretrained model with a fresh head, dropout off unless asked for (no adapters)."""
-    loaded = load_model(config.model, task=SEQUENCE_CLASSIFICATION, num_labels=num_labels,
+    """The pretrained model (a fresh head for a classifier), dropout off unless asked for.
+
+    ``num_labels`` is ignored for causal LMs, whose head is the pretrained LM head.
+    """
+    loaded = load_model(config.model, task=config.task, num_labels=max(num_labels, 2),
                         pooling=config.pooling)
     if not config.model_dropout:
         for module in loaded.model.modules():
@@ -95,7 +113,7 @@ def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
 def sb_config(config: RunConfig) -> SBConfig:
     """The LoRA-SB adapter settings of a run."""
     return SBConfig(rank=config.rank, target_modules=config.targets,
-                    dropout=config.adapter_dropout, train_head=config.train_head,
+                    dropout=config.adapter_dropout, train_head=config.trains_head,
                     train_pooler=config.train_pooler)
 
 
@@ -104,7 +122,7 @@ def make_method(config: RunConfig) -> FederatedMethod:
     cls, _ = method_class(config.method)
     scaling = 1.0 if cls.adapter == "lora-sb" else config.lora_scaling
     return cls(rank=config.rank, scaling=scaling, dropout=config.adapter_dropout,
-               train_head=config.train_head, train_pooler=config.train_pooler)
+               train_head=config.trains_head, train_pooler=config.train_pooler)
 
 
 def targets_of(config: RunConfig, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -164,10 +182,11 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
                    "the model"}
 
 
-def make_client(cid: str, frame: pd.DataFrame, config: RunConfig, tokenizer: Any) -> DPClient:
-    """A DP-SGD client over its tokenised records."""
-    dataset = TokenizedDataset(frame, tokenizer, max_length=config.max_length)
-    return DPClient(cid, dataset, make_collate(tokenizer), task=SEQUENCE_CLASSIFICATION)
+def make_client(cid: str, frame: pd.DataFrame, config: RunConfig, tokenizer: Any,
+                task: Task) -> DPClient:
+    """A DP-SGD client over its records, tokenised and batched by the run's task."""
+    dataset = task.dataset(frame, tokenizer, max_length=config.max_length)
+    return DPClient(cid, dataset, task.collate(tokenizer), task=task.name)
 
 
 def node_client(config: RunConfig, *, partition_id: int, num_partitions: int,
@@ -193,35 +212,46 @@ def node_client(config: RunConfig, *, partition_id: int, num_partitions: int,
         frame = data.train
     else:
         frame = partition_frames(config, data, partition_seed=partition_seed)[0][cid]
-    return make_client(cid, frame, config, tokenizer)
+    return make_client(cid, frame, config, tokenizer, make_task(config, data))
 
 
 @dataclass
 class Evaluator:
-    """The evaluator's held-out splits (not client data: evaluating is not a release)."""
+    """The evaluator's held-out splits and the task that scores them.
 
-    validation: TokenizedDataset
-    test: TokenizedDataset
+    The splits are not client data: evaluating on them is not a release.
+    """
+
+    validation: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     collate: Any
-    num_labels: int
-    label_names: tuple[str, ...]
+    task: Task
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The task's labels (empty for free-form responses)."""
+        return self.task.label_names
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What :meth:`evaluate` reports, besides ``examples``."""
+        return self.task.metric_names
 
     @classmethod
     def build(cls, config: RunConfig, data: TextClassificationData,
               tokenizer: Any) -> Evaluator:
         """Tokenise the validation and test splits (capped by ``max_eval_records``)."""
+        task = make_task(config, data)
         validation, test = data.validation, data.test
         if config.max_eval_records is not None:
             validation = validation.head(config.max_eval_records)
             test = test.head(config.max_eval_records)
-        return cls(validation=TokenizedDataset(validation, tokenizer,
-                                               max_length=config.max_length),
-                   test=TokenizedDataset(test, tokenizer, max_length=config.max_length),
-                   collate=make_collate(tokenizer), num_labels=data.num_labels,
-                   label_names=tuple(data.label_names))
+        return cls(validation=task.dataset(validation, tokenizer, max_length=config.max_length),
+                   test=task.dataset(test, tokenizer, max_length=config.max_length),
+                   collate=task.collate(tokenizer), task=task)
 
     def evaluate(self, model: torch.nn.Module, split: str = "validation") -> dict[str, Any]:
-        """Accuracy, macro-F1 and loss of ``model`` on a split."""
+        """The task's metrics (:attr:`metric_names`) and ``examples`` on a split."""
         dataset = self.validation if split == "validation" else self.test
-        return evaluate_classifier(model, dataset, self.collate, num_labels=self.num_labels)
+        return self.task.evaluate(model, dataset, self.collate)
 

@@ -59,7 +59,9 @@ def run_row(path: str) -> dict[str, Any]:
         "noise_multiplier": sigma, "trainable_parameters": d, "max_grad_norm": clip,
         # Expected norm of one step's noise on the sum: σ·C·√d.
         "noise_norm_per_step": sigma * clip * math.sqrt(d),
-        "test_accuracy": summary["test_accuracy"], "test_macro_f1": summary["test_macro_f1"],
+        # A causal-LM run on free-form responses has no accuracy; an LM run has no macro-F1.
+        "test_accuracy": summary.get("test_accuracy"),
+        "test_macro_f1": summary.get("test_macro_f1"),
         "test_loss": summary["test_loss"], "status": summary["status"],
         # Client-level runs keep Nᵢ operator-only: count clients from the config then.
         "rounds": summary["rounds_completed"],
