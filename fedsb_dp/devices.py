@@ -8,8 +8,9 @@ for them keeps the server's arithmetic identical whatever device a client traine
 
 The dtype applies to the frozen base model only. The trained tensors (R, the LoRA baselines'
 factors, a trained head or pooler), their optimizer state and the DP noise added to them stay
-in float32: a bfloat16 step of R would round away updates far smaller than its 8-bit mantissa
-resolves, and noise drawn in bfloat16 would lie on a coarse grid instead of being Gaussian.
+in float32 (float64 next to a float64 base): a bfloat16 step of R would round away updates
+its 8-bit mantissa cannot resolve, and noise drawn in bfloat16 would lie on a coarse grid
+instead of being Gaussian.
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ DEVICE_NAMES = ("auto", "cpu", "cuda")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: The dtype of every trained tensor, its optimizer state and its noise.
+#: The narrowest dtype of a trained tensor, its optimizer state and its noise.
 TRAINABLE_DTYPE = torch.float32
+
+
+def trainable_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to train in next to a base of ``base_dtype``: float32, or wider (float64)."""
+    return torch.promote_types(base_dtype, TRAINABLE_DTYPE)
 
 _DEVICE_FORM = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -128,7 +134,7 @@ def _inputs_to(dtype: torch.dtype):
 
 
 def train_in_float32(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[str]:
-    """Keep the trained modules of a reduced-precision model in float32.
+    """Keep the trained modules of a reduced-precision model in float32 (or wider).
 
     Each module of ``modules`` whose parameters are not float32 (a classification head or
     pooler loaded with a bfloat16 base) is cast to float32 and reads its floating-point
@@ -146,8 +152,8 @@ def train_in_float32(model: nn.Module, modules: Mapping[str, nn.Module]) -> list
     """
     cast = []
     for name, module in modules.items():
-        if all(p.dtype == TRAINABLE_DTYPE for p in module.parameters()):
-            continue
+        if all(trainable_dtype(p.dtype) == p.dtype for p in module.parameters()):
+            continue  # float32 or wider already
         module.to(TRAINABLE_DTYPE)
         module.register_forward_pre_hook(_inputs_to(TRAINABLE_DTYPE), with_kwargs=True)
         cast.append(name)

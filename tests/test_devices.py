@@ -158,3 +158,23 @@ def test_bf16_run_end_to_end_with_an_honest_ledger(tmp_path):
                              accountant="prv").epsilon
     assert result.summary["privacy"]["epsilon"] == eps and 0 < eps <= 3.0
     assert {ledger.steps(c) for c in ledger.clients} == {2}
+
+
+def test_sblinear_on_a_bf16_base_keeps_its_adapter_in_float32():
+    from fedsb_dp.adapters.layer import SBLinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    layer = SBLinear(base, B=torch.randn(6, 2, generator=g), R=torch.randn(2, 2, generator=g),
+                     A=torch.randn(2, 8, generator=g))
+    assert layer.R.weight.dtype == layer.lora_sb_B.dtype == torch.float32
+    x = torch.randn(3, 8, generator=g).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16  # the base's dtype flows on through the network
+    y.float().sum().backward()
+    assert layer.R.weight.grad.dtype == torch.float32
+    # Against a float32 computation of the same layer: the adapter path lost no precision
+    # beyond the bfloat16 input and output.
+    reference = (base.weight.float() @ x.float().T).T + base.bias.float() + (
+        layer.lora_sb_B @ layer.R.weight @ layer.lora_sb_A @ x.float().T).T
+    torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.02)

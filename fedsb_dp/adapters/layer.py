@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb_dp.devices import trainable_dtype
 from fedsb_dp.errors import ConfigError
-
-#: dtype of B, R and A (and of R's gradients, optimizer state and noise).
-ADAPTER_DTYPE = torch.float32
 
 
 class SBLinear(nn.Module):
@@ -53,14 +51,15 @@ class SBLinear(nn.Module):
         self.base_layer = base_layer
         for parameter in self.base_layer.parameters():
             parameter.requires_grad_(False)
-        # The adapter path is float32 whatever the base's dtype (see fedsb_dp.devices): R,
+        # The adapter path is float32 (or the base's, if wider) (see fedsb_dp.devices): R,
         # its gradients, optimizer state and noise, and B and A so the path has one dtype.
         device = base_layer.weight.device
-        self.register_buffer("lora_sb_B", B.detach().to(device, ADAPTER_DTYPE).clone()
+        dtype = trainable_dtype(base_layer.weight.dtype)
+        self.register_buffer("lora_sb_B", B.detach().to(device, dtype).clone()
                              .contiguous())
-        self.register_buffer("lora_sb_A", A.detach().to(device, ADAPTER_DTYPE).clone()
+        self.register_buffer("lora_sb_A", A.detach().to(device, dtype).clone()
                              .contiguous())
-        self.R = nn.Linear(r, r, bias=False, dtype=ADAPTER_DTYPE, device=device)
+        self.R = nn.Linear(r, r, bias=False, dtype=dtype, device=device)
         with torch.no_grad():
             self.R.weight.copy_(R)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

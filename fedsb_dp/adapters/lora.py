@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsb_dp.adapters.inject import check_rank_fits, replace_submodule
+from fedsb_dp.devices import trainable_dtype
 from fedsb_dp.errors import ConfigError
 
 
@@ -45,8 +46,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        # Trained factors stay float32 whatever the base's dtype (see fedsb_dp.devices).
-        dtype, device = torch.float32, base_layer.weight.device
+        # Trained factors stay float32 (or wider) whatever the base (see fedsb_dp.devices).
+        dtype, device = trainable_dtype(base_layer.weight.dtype), base_layer.weight.device
         self.lora_A = nn.Linear(n, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, m, bias=False, dtype=dtype, device=device)
         with torch.no_grad():
@@ -68,7 +69,7 @@ class LoRALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """W0 + ΔW: what the layer computes (used by the exactness checks)."""
-        return self.base_layer.weight.to(torch.float32) + self.get_delta_weight()
+        return self.base_layer.weight.to(self.lora_A.weight.dtype) + self.get_delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the low-rank path."""
