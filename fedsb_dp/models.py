@@ -317,10 +317,10 @@ def reset_head(model: nn.Module, *, seed: int) -> None:
     with torch.no_grad():
         for module in found[1].modules():
             if isinstance(module, nn.Linear):
+                # Drawn in float32 whatever the model's dtype, so the head starts from the
+                # same values (up to rounding) in every precision.
                 module.weight.copy_(
-                    torch.randn(module.weight.shape, generator=generator, dtype=module.weight.dtype)
-                    * std
-                )
+                    torch.randn(module.weight.shape, generator=generator) * std)
                 if module.bias is not None:
                     module.bias.zero_()
 

@@ -37,9 +37,15 @@ class RandomStreams:
         words = [self.seed, zlib.crc32(name.encode()), *indices]
         return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
 
-    def torch(self, name: str, *indices: int) -> torch.Generator:
-        """A ``torch.Generator`` for stream ``name`` at ``indices``."""
-        return torch.Generator().manual_seed(self._state(name, indices))
+    def torch(self, name: str, *indices: int,
+              device: torch.device | str = "cpu") -> torch.Generator:
+        """A ``torch.Generator`` for stream ``name`` at ``indices``, drawing on ``device``.
+
+        The same stream state seeds a generator on any device, but a CUDA generator
+        (Philox) draws other numbers than the CPU's (Mersenne Twister) from it: a seeded
+        run repeats itself on the same kind of device only.
+        """
+        return torch.Generator(device=device).manual_seed(self._state(name, indices))
 
     def numpy(self, name: str, *indices: int) -> np.random.Generator:
         """A NumPy generator for stream ``name`` at ``indices``."""

@@ -32,7 +32,9 @@ ADAPTER_CONFIG = "lora_sb_config.json"
 
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    # safetensors writes CPU memory; a GPU model's tensors are copied over first.
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+              metadata=metadata)
     os.replace(tmp, path)
 
 

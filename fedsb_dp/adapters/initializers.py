@@ -40,6 +40,7 @@ from accounting.events import (
     sampled_gaussian_event,
 )
 from fedsb_dp.clipping import clip_factors, joint_norms
+from fedsb_dp.devices import device_of, to_device, trainable_dtype
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.losses import example_losses
 
@@ -255,12 +256,14 @@ def raw_gradient_sum(
 ) -> dict[str, torch.Tensor]:
     """Σ over the records at ``indices`` of ∇_W loss, unclipped (public or non-private data)."""
     _check_indices(indices, len(dataset))
-    sums = {name: torch.zeros_like(layer.weight) for name, layer in targets.items()}
+    sums = {name: torch.zeros(layer.weight.shape, dtype=trainable_dtype(layer.weight.dtype))
+            for name, layer in targets.items()}
+    device = device_of(model)
     with _TargetGradients(model, targets):
         for batch in _batches(dataset, collate, indices=indices, batch_size=batch_size):
-            example_losses(model, batch, task=task).sum().backward()
+            example_losses(model, to_device(batch, device), task=task).sum().backward()
             for name, layer in targets.items():
-                sums[name] += layer.weight.grad
+                sums[name] += layer.weight.grad.to("cpu", sums[name].dtype)
                 layer.weight.grad = None
     return sums
 
@@ -287,18 +290,24 @@ def clipped_gradient_sum(
     _check_indices(indices, len(dataset))
     if not max_grad_norm > 0:
         raise ConfigError(f"max_grad_norm={max_grad_norm} must be > 0")
-    sums = {name: torch.zeros_like(layer.weight) for name, layer in targets.items()}
+    # float32 (or wider) on the CPU, like every tensor that leaves the model (fedsb_dp.devices): the
+    # clip and the noise must not run at a bfloat16 base's precision.
+    sums = {name: torch.zeros(layer.weight.shape, dtype=trainable_dtype(layer.weight.dtype))
+            for name, layer in targets.items()}
     if not indices:
         return sums
+    device = device_of(model)
     with _TargetGradients(model, targets):
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         try:
             for batch in _batches(dataset, collate, indices=indices, batch_size=batch_size):
+                batch = to_device(batch, device)
                 example_losses(wrapped, batch, task=task).sum().backward()
-                per_example = {n: layer.weight.grad_sample for n, layer in targets.items()}
+                per_example = {n: layer.weight.grad_sample.to(sums[n].dtype)
+                               for n, layer in targets.items()}
                 factor = clip_factors(joint_norms(per_example.values()), max_grad_norm)
                 for name, g in per_example.items():
-                    sums[name] += torch.einsum("b,b...->...", factor, g)
+                    sums[name] += torch.einsum("b,b...->...", factor, g).cpu()
                 wrapped.zero_grad(set_to_none=True)
         finally:
             wrapped._close()

@@ -156,8 +156,13 @@ def mark_trainable(model: nn.Module, *, train_head: bool, train_pooler: bool = F
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable tensors (what a client communicates)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """Detached CPU copies of the trainable tensors (what a client communicates).
+
+    On the CPU whatever the model's device: the server's state, aggregation, checkpoints and
+    messages all live there (see :mod:`fedsb_dp.devices`).
+    """
+    return {name: p.detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 #: What :func:`frozen_fingerprint` hashes: the frozen tensors clients must share, or all.

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb_dp.devices import trainable_dtype
 from fedsb_dp.errors import ConfigError
 
 
@@ -50,10 +51,15 @@ class SBLinear(nn.Module):
         self.base_layer = base_layer
         for parameter in self.base_layer.parameters():
             parameter.requires_grad_(False)
-        dtype = base_layer.weight.dtype
-        self.register_buffer("lora_sb_B", B.detach().to(dtype).clone().contiguous())
-        self.register_buffer("lora_sb_A", A.detach().to(dtype).clone().contiguous())
-        self.R = nn.Linear(r, r, bias=False, dtype=dtype, device=base_layer.weight.device)
+        # The adapter path is float32 (or the base's, if wider) (see fedsb_dp.devices): R,
+        # its gradients, optimizer state and noise, and B and A so the path has one dtype.
+        device = base_layer.weight.device
+        dtype = trainable_dtype(base_layer.weight.dtype)
+        self.register_buffer("lora_sb_B", B.detach().to(device, dtype).clone()
+                             .contiguous())
+        self.register_buffer("lora_sb_A", A.detach().to(device, dtype).clone()
+                             .contiguous())
+        self.R = nn.Linear(r, r, bias=False, dtype=dtype, device=device)
         with torch.no_grad():
             self.R.weight.copy_(R)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -86,8 +92,10 @@ class SBLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
+        # In and out of float32 at the boundary; no-ops for a float32 base.
+        x = x.to(self.R.weight.dtype)
         h = self._mask(self.R(self._mask(F.linear(self.dropout(x), self.lora_sb_A))))
-        return y + self.scaling * F.linear(h, self.lora_sb_B)
+        return y + (self.scaling * F.linear(h, self.lora_sb_B)).to(y.dtype)
 
     @torch.no_grad()
     def merge(self, *, safe_merge: bool = False) -> None:
@@ -102,7 +110,8 @@ class SBLinear(nn.Module):
         """
         if self.merged:
             raise ValueError("layer is already merged")
-        merged = self.base_layer.weight + self.get_delta_weight()
+        merged = (self.base_layer.weight + self.get_delta_weight()).to(
+            self.base_layer.weight.dtype)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError("merging would produce non-finite weights; adapter left unmerged")
         self.base_layer.weight.copy_(merged)
@@ -113,7 +122,7 @@ class SBLinear(nn.Module):
         """Subtract ΔW from the base weight again."""
         if not self.merged:
             raise ValueError("layer is not merged")
-        self.base_layer.weight.sub_(self.get_delta_weight())
+        self.base_layer.weight.sub_(self.get_delta_weight().to(self.base_layer.weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:

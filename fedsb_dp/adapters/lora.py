@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsb_dp.adapters.inject import check_rank_fits, replace_submodule
+from fedsb_dp.devices import trainable_dtype
 from fedsb_dp.errors import ConfigError
 
 
@@ -45,7 +46,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        # Trained factors stay float32 (or wider) whatever the base (see fedsb_dp.devices).
+        dtype, device = trainable_dtype(base_layer.weight.dtype), base_layer.weight.device
         self.lora_A = nn.Linear(n, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, m, bias=False, dtype=dtype, device=device)
         with torch.no_grad():
@@ -67,11 +69,13 @@ class LoRALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """W0 + ΔW: what the layer computes (used by the exactness checks)."""
-        return self.base_layer.weight + self.get_delta_weight()
+        return self.base_layer.weight.to(self.lora_A.weight.dtype) + self.get_delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the low-rank path."""
-        return self.base_layer(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+        y = self.base_layer(x)
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
+        return y + (self.scaling * self.lora_B(h)).to(y.dtype)
 
     @torch.no_grad()
     def fold_into_base(self, delta: torch.Tensor) -> None:
@@ -79,7 +83,7 @@ class LoRALinear(nn.Module):
         if delta.shape != self.base_layer.weight.shape:
             raise ConfigError(f"ΔW of shape {tuple(delta.shape)} does not fit the base weight "
                               f"{tuple(self.base_layer.weight.shape)}")
-        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight))  # its device and dtype
 
     def extra_repr(self) -> str:
         """Shown by ``repr(model)``."""
@@ -127,8 +131,8 @@ def inject_lora(
     for name, base in targets.items():  # every layer first: a bad rank changes nothing
         check_rank_fits(name, base, rank)
     for name, base in targets.items():
-        A = lora_init_A(rank, base.in_features, generator).to(base.weight.dtype)
-        B = torch.zeros(base.out_features, rank, dtype=base.weight.dtype)
+        A = lora_init_A(rank, base.in_features, generator)
+        B = torch.zeros(base.out_features, rank)
         wrapped = LoRALinear(base, A=A, B=B, scaling=scaling, dropout=dropout, train_A=train_A)
         replace_submodule(model, name, wrapped)
     return lora_layers(model)

@@ -31,6 +31,7 @@ from torch import nn
 from accounting.events import PoissonSampledDpEvent, sampled_gaussian_event
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
+from fedsb_dp.devices import device_of, to_device
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.losses import example_losses
 from fedsb_dp.rng import RandomStreams
@@ -180,7 +181,8 @@ def zero_nonfinite_examples(params: list[nn.Parameter]) -> int:
         for sample in samples:
             # where() rather than multiplying by a 0/1 mask: 0 · inf would stay NaN.
             sample.copy_(torch.where(finite.view(-1, *([1] * (sample.dim() - 1))),
-                                     sample, torch.zeros((), dtype=sample.dtype)))
+                                     sample, torch.zeros((), dtype=sample.dtype,
+                                                         device=sample.device)))
     return bad
 
 
@@ -195,7 +197,7 @@ def _append_rows(params: list[nn.Parameter],
                           f"number of rows; got row counts {sorted(counts)} for "
                           f"{sum(p in rows for p in params)} of {len(params)} parameters")
     for p in params:
-        extra = rows[p].to(dtype=p.dtype)
+        extra = rows[p].to(device=p.device, dtype=p.dtype)
         if tuple(extra.shape[1:]) != tuple(p.shape):
             raise ConfigError(f"canary rows of shape {tuple(extra.shape)} do not fit a "
                               f"parameter of shape {tuple(p.shape)}")
@@ -286,10 +288,15 @@ class DPClient:
             FedSBError: If a frozen tensor changed during training.
 
         """
-        with torch.random.fork_rng(devices=[]):
+        model = private_model._module if hasattr(private_model, "_module") else private_model
+        device = device_of(model)
+        if noise_generator.device.type != device.type:
+            raise ConfigError(f"the noise generator is on {noise_generator.device}, the model "
+                              f"on {device}: Opacus draws the noise on the model's device")
+        # Dropout on a GPU draws from that GPU's global generator: fork it too.
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             if dropout_seed is not None:
                 torch.manual_seed(dropout_seed)
-            model = private_model._module if hasattr(private_model, "_module") else private_model
             set_trainable_state(model, global_state)
             model.train()
             before = frozen_fingerprint(model, scope="all")
@@ -304,9 +311,12 @@ class DPClient:
                     if len(chunk) == 0:
                         # Empty Poisson batch: the step still happens, releasing noise only.
                         for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
+                                                        device=p.device)
                     else:
-                        batch = self.collate([self.dataset[int(i)] for i in chunk])
+                        # Indices stay on the CPU (they index the dataset); the batch moves.
+                        batch = to_device(self.collate([self.dataset[int(i)] for i in chunk]),
+                                          device)
                         losses = example_losses(private_model, batch, task=self.task)
                         losses.mean().backward()
                         if zero_nonfinite_examples(params):
@@ -323,7 +333,7 @@ class DPClient:
             if frozen_fingerprint(model, scope="all") != before:
                 raise FedSBError(f"client {self.client_id!r}: a frozen tensor changed in training")
             state = trainable_state(model)
-            if all(torch.equal(state[k], global_state[k]) for k in state):
+            if all(torch.equal(state[k], global_state[k].cpu()) for k in state):
                 raise FedSBError(f"client {self.client_id!r}: no trainable tensor moved this round")
             return ClientUpdate(
                 client_id=self.client_id,
@@ -366,7 +376,8 @@ def train_instruction(
     try:
         update = client.train_round(
             private_model, start, instruction.local,
-            noise_generator=streams.torch("noise", t, index),
+            # Opacus draws the noise on the parameters' device, with this generator.
+            noise_generator=streams.torch("noise", t, index, device=device_of(model)),
             sampling_generator=streams.torch("poisson", t, index),
             dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 from accounting.accountants import ACCOUNTANTS
 from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
 from fedsb_dp.data import DEFAULT_DATASET
+from fedsb_dp.devices import DTYPES, check_device_name
 from fedsb_dp.errors import ConfigError, SettingError
 from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.federated.partition import PartitionSpec
@@ -20,6 +21,9 @@ from fedsb_dp.methods import METHODS, method_class
 from fedsb_dp.models import CAUSAL_LM, DEFAULT_MODEL, POOLINGS, SEQUENCE_CLASSIFICATION, TASKS
 
 DP_LEVELS = ("example", "client")
+
+#: Settings that do not define the run: left out of its digest and of a Flower setup record.
+NOT_IN_DIGEST = ("out", "device")
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,13 @@ class RunConfig:
     optimizer: str = setting("adamw", "clients' optimizer", choices=OPTIMIZERS)
     participation: float = setting(1.0, "fraction of clients sampled per round")
     min_clients: int = setting(1, "fewest clients in a round")
+    # hardware
+    device: str = setting(
+        "auto", "where the model trains: auto (a CUDA GPU when present), cpu, cuda or "
+        "cuda:<index>; not part of the run's definition (a Flower node sets its own)")
+    dtype: str = setting(
+        "float32", "dtype of the frozen base model; R, the head and the DP noise stay float32",
+        choices=tuple(DTYPES))
     # run
     seed: int | None = setting(None, "root seed: a reproducible run whose DP noise is NOT a "
                                "private release", unset="OS entropy")
@@ -164,6 +175,7 @@ class RunConfig:
             check_type(item, getattr(self, item.name))
             if item.setting.choices is not None:
                 self._choice(item.name, item.setting.choices)
+        check_device_name(self.device)
         method_cls = method_class(self.method)[0]
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", method_cls.default_learning_rate)
@@ -336,8 +348,14 @@ class RunConfig:
         return out
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the settings that define the run (not ``out``)."""
-        body = {k: v for k, v in self.to_dict().items() if k != "out"}
+        """SHA-256 of the canonical JSON of the settings that define the run.
+
+        ``out`` and ``device`` are left out: where a run is written and which processor
+        computes it do not change what it computes (up to floating-point summation order),
+        and a resumed run or a Flower node may use another device than the first call.
+        ``dtype`` is in: a bfloat16 base is a different model.
+        """
+        body = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_DIGEST}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @classmethod

@@ -21,11 +21,13 @@ from fedsb_dp.adapters import (
     random_orthonormal_init,
     w0_svd_init,
 )
+from fedsb_dp.adapters.inject import trainable_modules
 from fedsb_dp.data import (
     IN_MEMORY_DATASET,
     TextClassificationData,
     load_text_classification,
 )
+from fedsb_dp.devices import resolve_device, resolve_dtype, train_in_float32
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient
 from fedsb_dp.federated.partition import (
@@ -99,10 +101,18 @@ def make_task(config: RunConfig, data: TextClassificationData) -> Task:
 def load_base_model(config: RunConfig, *, num_labels: int) -> LoadedModel:
     """The pretrained model (a fresh head for a classifier), dropout off unless asked for.
 
-    ``num_labels`` is ignored for causal LMs, whose head is the pretrained LM head.
+    ``num_labels`` is ignored for causal LMs, whose head is the pretrained LM head. Loaded in
+    ``config.dtype`` on ``config.device`` (resolved here, before anything of the run is
+    written, so a missing GPU fails first).
+
+    Raises:
+        SettingError: If ``config.device`` is not on this machine.
+
     """
+    device = resolve_device(config.device)
     loaded = load_model(config.model, task=config.task, num_labels=max(num_labels, 2),
-                        pooling=config.pooling)
+                        pooling=config.pooling, dtype=resolve_dtype(config.dtype))
+    loaded.model.to(device)
     if not config.model_dropout:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -144,6 +154,7 @@ def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *
     targets = targets_of(config, model)
     if method.adapter == "lora":
         method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed))
+        _trained_in_float32(config, model)
         return
     if factors is None:
         if config.init == "w0-svd":
@@ -155,6 +166,13 @@ def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *
                               "its factors")
     method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed),
                   factors=factors)
+    _trained_in_float32(config, model)
+
+
+def _trained_in_float32(config: RunConfig, model: torch.nn.Module) -> None:
+    """A trained head or pooler of a reduced-precision base trains in float32 (no-op else)."""
+    train_in_float32(model, trainable_modules(model, train_head=config.train_head,
+                                              train_pooler=config.train_pooler))
 
 
 def partition_frames(config: RunConfig, data: TextClassificationData, *,

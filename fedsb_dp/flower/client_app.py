@@ -1,7 +1,8 @@
 """The Fed-SB ClientApp: one data holder's side of the federation.
 
 Each SuperNode is started with ``--node-config "partition-id=i num-partitions=N"`` (and,
-for real data holders, ``data-path=/path/to/own.csv``). On ``query`` the node reports its
+for real data holders, ``data-path=/path/to/own.csv``; ``device=cuda`` to train on this
+node's GPU, default ``auto``). On ``query`` the node reports its
 client id, Nᵢ and the fingerprint of the B, A it derived itself; on ``train`` it checks that
 the server agreed on the same fingerprint, lets its own
 :class:`~fedsb_dp.federated.node_policy.NodePrivacyPolicy` (policy keys in the node config)
@@ -61,12 +62,14 @@ def _node_partition(context: Context) -> tuple[int, int, str | None]:
     return partition_id, num_partitions, str(data_path) if data_path else None
 
 
-def _model(setup: SetupInfo) -> tuple[Any, GradSampleModule, str]:
+def _model(setup: SetupInfo, context: Context) -> tuple[Any, GradSampleModule, str]:
     key = setup.key()
     if key not in _models:
         _models.clear()  # one run at a time per process: keep a single model in memory
+        # The device is this node's choice (node config), never the server's.
         loaded = build_model(setup.config, num_labels=len(setup.label_names),
-                             init_seed=setup.init_seed)
+                             init_seed=setup.init_seed,
+                             device=str(context.node_config.get("device", "auto")))
         private = GradSampleModule(loaded.model, batch_first=True, loss_reduction="mean")
         _models[key] = (loaded, private, frozen_fingerprint(loaded.model))
     return _models[key]
@@ -88,7 +91,7 @@ def _client(setup: SetupInfo, context: Context, tokenizer: object) -> DPClient:
 def handle_query(message: Message, context: Context) -> Message:
     """Setup: report client id, Nᵢ (public) and the fingerprint of the derived factors."""
     setup = SetupInfo.from_record(message.content.config_records["setup"])
-    loaded, _, fingerprint = _model(setup)
+    loaded, _, fingerprint = _model(setup, context)
     client = _client(setup, context, loaded.tokenizer)
     reply = RecordDict({"client": ConfigRecord({
         "client-id": client.client_id, "num-records": client.num_records,
@@ -107,7 +110,7 @@ def handle_train(message: Message, context: Context) -> Message:
     content = message.content
     setup = SetupInfo.from_record(content.config_records["setup"])
     instruction, base = records_to_instruction(content)
-    loaded, private_model, _ = _model(setup)
+    loaded, private_model, _ = _model(setup, context)
     client = _client(setup, context, loaded.tokenizer)
     if instruction.client_id != client.client_id:
         raise ConfigError(f"the server addressed {instruction.client_id!r}, this node "

@@ -20,6 +20,7 @@ Wire format (every value a Flower record type, nothing pickled):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import ClientUpdate, LocalTrainingConfig
 from fedsb_dp.federated.node_policy import AnnouncedPlan
 from fedsb_dp.federated.protocol import Instruction
-from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.federated.run_config import NOT_IN_DIGEST, RunConfig
 from fedsb_dp.federated.setup import (
     inject,
     load_base_model,
@@ -67,9 +68,21 @@ def check_supported(config: RunConfig) -> None:
             "reading private records")
 
 
-def build_model(config: RunConfig, *, num_labels: int, init_seed: int) -> LoadedModel:
-    """Load the model and inject the agreed adapters — data-free, so every node can do it."""
+def build_model(config: RunConfig, *, num_labels: int, init_seed: int,
+                device: str | None = None) -> LoadedModel:
+    """Load the model and inject the agreed adapters — data-free, so every node can do it.
+
+    Args:
+        config: The run's settings.
+        num_labels: Classes of the head.
+        init_seed: Seed of the agreed adapter start.
+        device: This node's ``--device`` value (its node config ``device``); ``None`` keeps
+            ``config.device``. Not part of the run's definition: nodes may differ.
+
+    """
     check_supported(config)
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
     loaded = load_base_model(config, num_labels=num_labels)
     inject(config, make_method(config), loaded.model, init_seed=init_seed)
     return loaded
@@ -77,8 +90,12 @@ def build_model(config: RunConfig, *, num_labels: int, init_seed: int) -> Loaded
 
 # ------------------------------------------------------------------ wire format
 def run_config_json(config: RunConfig) -> str:
-    """Canonical JSON of the settings (``out`` is the server's business, not sent)."""
-    return json.dumps({k: v for k, v in config.to_dict().items() if k != "out"},
+    """Canonical JSON of the settings that define the run.
+
+    ``out`` is the server's business and ``device`` each node's own (its node config
+    ``device``), so neither is sent.
+    """
+    return json.dumps({k: v for k, v in config.to_dict().items() if k not in NOT_IN_DIGEST},
                       sort_keys=True)
 
 

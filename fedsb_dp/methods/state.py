@@ -23,12 +23,13 @@ def lora_adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in head_modules(model).items():
         for pname, p in module.named_parameters():
             tensors[f"{name}.{pname}"] = p.detach()
-    return {k: v.contiguous() for k, v in tensors.items()}
+    # CPU copies: these are written to safetensors and sent in messages.
+    return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
 def adapted_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base weights of the LoRA layers (changed by FedEx-LoRA's residual and FLoRA's merge)."""
-    return {f"{name}{BASE_SUFFIX}": layer.base_layer.weight.detach().contiguous()
+    return {f"{name}{BASE_SUFFIX}": layer.base_layer.weight.detach().to("cpu").contiguous()
             for name, layer in lora_layers(model).items()}
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb_dp.devices import device_of, to_device
 from fedsb_dp.errors import ConfigError, DataError
 from fedsb_dp.models import CAUSAL_LM
 from fedsb_dp.tasks.base import Task
@@ -173,9 +174,12 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], *, steps: i
     last position only.
     """
     decoder, head, softcap = _decoder_and_head(model)
+    device = device_of(model)
     longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_token_id] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_token_id] * (longest - len(p)) + p for p in prompts],
+                       device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
+                        device=device)
     generated = []
     for _ in range(steps):
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
@@ -188,7 +192,7 @@ def greedy_continuations(model: nn.Module, prompts: list[list[int]], *, steps: i
         generated.append(token)
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-    return torch.cat(generated, dim=1)
+    return torch.cat(generated, dim=1).cpu()
 
 
 class CausalLMTask(Task):
@@ -260,8 +264,9 @@ class CausalLMTask(Task):
         try:
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                                  collate_fn=collate)
+            device = device_of(model)
             for batch in loader:
-                losses, _ = response_token_losses(model, batch)
+                losses, _ = response_token_losses(model, to_device(batch, device))
                 total += losses.double().sum().item()
                 tokens += losses.numel()
             if self.label_names:

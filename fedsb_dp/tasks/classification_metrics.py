@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb_dp.devices import device_of, to_device
+
 
 @torch.no_grad()
 def evaluate_classifier(
@@ -27,9 +29,11 @@ def evaluate_classifier(
     model.eval()
     predictions, labels, losses = [], [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    device = device_of(model)
     for batch in loader:
         target = batch.pop("labels")
-        logits = model(**batch).logits
+        # Metrics are computed on the CPU in float32, whatever the model's device and dtype.
+        logits = model(**to_device(batch, device)).logits.to("cpu", torch.float32)
         losses.append(F.cross_entropy(logits, target, reduction="sum").item())
         predictions.append(logits.argmax(dim=-1))
         labels.append(target)
