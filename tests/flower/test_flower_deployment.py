@@ -24,7 +24,7 @@ from accounting import PrivacyLedger  # noqa: E402
 from fedsb_dp.federated.inprocess import run_federation  # noqa: E402
 from fedsb_dp.federated.run_config import RunConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SETTINGS = dict(epsilon=3.0, clients=2, rounds=2, local_steps=2, batch_size=16, max_length=32,
                 rank=4, max_train_records=240, max_eval_records=64, seed=7)

@@ -23,7 +23,7 @@ from fedsb_dp.flower.run_config import FlowerOptions, from_flower, run_values, t
 from fedsb_dp.run_flags import values_from_args
 from fedsb_dp.sweep.command import set_values
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ITEMS = settings_of(RunConfig)
 
 

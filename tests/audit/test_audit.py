@@ -24,7 +24,7 @@ from fedsb_dp.audit.step import real_step_matches, step_audit
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
 from fedsb_dp.models import SEQUENCE_CLASSIFICATION
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "accounting"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "accounting"))
 from test_run_audit import make_run  # noqa: E402  (the synthetic run-directory builder)
 
 DRAWS = 100_000

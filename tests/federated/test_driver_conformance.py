@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("flwr")
 
 import torch  # noqa: E402
+from fake_grid import FakeGrid, _task_identity  # noqa: E402, F401
 from safetensors.torch import load_file  # noqa: E402
-from test_flower_strategy import FakeGrid, _task_identity  # noqa: E402, F401
 from tiny_decoder import save_tiny_decoder  # noqa: E402
 
 from fedsb_dp.federated.inprocess import run_federation  # noqa: E402

@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "audit.ipynb")
+NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs",
+                        "audit.ipynb")
 
 
 @pytest.mark.slow
