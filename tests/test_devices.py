@@ -145,6 +145,7 @@ def test_shared_fingerprint_does_not_depend_on_the_base_dtype():
     assert prints[0] == prints[1]
 
 
+@pytest.mark.slow
 def test_bf16_run_end_to_end_with_an_honest_ledger(tmp_path):
     config = RunConfig(epsilon=3.0, dtype="bfloat16", device="cpu", max_train_records=120,
                        max_eval_records=32, clients=2, rounds=1, local_steps=2, batch_size=8,

@@ -65,3 +65,7 @@ def test_mean_pooled_models_refuse_exports_and_pooler_training(mean_minilm, tmp_
     targets = find_target_modules(fresh.model, config.resolved_targets("bert"), rank=2)
     with pytest.raises(ModelStructureError, match="parameter-free mean pooler"):
         inject_adapters(fresh.model, w0_svd_init(targets, rank=2).factors, config)
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow

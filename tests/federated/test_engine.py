@@ -269,3 +269,7 @@ def test_client_level_mode_accounting(tmp_path):
 def test_client_level_refuses_record_level_init(tmp_path):
     with pytest.raises(ConfigError, match="dp_level='client'"):
         _config(tmp_path, dp_level="client", init="gradient-svd", init_source="dp")
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow

@@ -159,3 +159,7 @@ def test_rank_one_fedsb_runs(tmp_path):
     must still hash it (they once refused it with a dtype-view error)."""
     result = _run(tmp_path, "fedsb", rank=1, rounds=1)
     assert result.status == "completed"
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow

@@ -154,3 +154,7 @@ def test_trust_model_names_who_is_trusted(dp_level):
     model = release.trust_model(dp_level, engine="inprocess")
     assert set(model) == {"privacy_unit", "trusted", "adversary", "released"}
     assert ("raw" in model["trusted"]) == (dp_level == "client")
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow

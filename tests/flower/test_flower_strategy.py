@@ -208,3 +208,7 @@ def test_a_node_with_a_stricter_epsilon_refuses_the_federations_sigma(tmp_path):
     run_server(grid, config, FlowerOptions(round_timeout=60, node_wait_timeout=5))
     metrics = [json.loads(x) for x in open(tmp_path / "strict-eps" / "metrics.jsonl")]
     assert "for ε=2" in metrics[0]["dropped"]["client-0"]
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow

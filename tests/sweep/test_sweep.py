@@ -319,3 +319,7 @@ def test_accuracy_grid_puts_fedsb_first_and_leaves_unrun_cells_empty():
     assert low["fedsb r=16"] == "0.500 ± 0.000 (1)" and low["fedit r=16"] == ""
     assert low["σ"] == "2.500"
     assert high["fedsb r=64"] == "0.750 ± 0.071 (2)"
+
+
+# End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
+pytestmark = pytest.mark.slow
