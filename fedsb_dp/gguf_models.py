@@ -104,18 +104,6 @@ def converted_path(spec: SplitGGUFModel, root: Path | None = None) -> Path:
     return (root if root is not None else cache_root()) / spec.name
 
 
-def any_part_installed(spec: SplitGGUFModel) -> bool:
-    """Whether the main package or any part is installed (a partial install is an error)."""
-    names = (spec.distribution, *spec.parts)
-    for name in names:
-        try:
-            metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        return True
-    return False
-
-
 def _reinstall_hint(spec: SplitGGUFModel) -> str:
     return f"{spec.install_command()} --force-reinstall"
 
