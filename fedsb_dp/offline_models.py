@@ -81,25 +81,43 @@ def cache_root() -> Path:
     return root / "models"
 
 
-def _locate_piece(spec: SplitZipModel, index: int) -> Path | None:
-    """Path of one installed piece, or ``None`` when its package (or the file) is absent."""
+def find_installed_file(distribution_name: str, file_name: str,
+                        reinstall_hint: str) -> Path | None:
+    """Path of a file that an installed package records, found through ``importlib.metadata``.
+
+    Args:
+        distribution_name: The package (as pip names it).
+        file_name: The file's base name, anywhere inside the package's recorded files.
+        reinstall_hint: The command that repairs a damaged install (used in the error).
+
+    Returns:
+        The path, or ``None`` when the package or the file is absent.
+
+    Raises:
+        ConfigError: If the file's size differs from the package's record (damaged install).
+    """
     try:
-        distribution = metadata.distribution(spec.distributions[index])
+        distribution = metadata.distribution(distribution_name)
     except metadata.PackageNotFoundError:
         return None
-    wanted = spec.piece_name(index)
     for recorded in distribution.files or ():
-        if recorded.name == wanted:
+        if recorded.name == file_name:
             path = Path(str(distribution.locate_file(recorded)))
             if not path.is_file():
                 return None
             if recorded.size is not None and path.stat().st_size != recorded.size:
                 raise ConfigError(
                     f"{path} has {path.stat().st_size} bytes but package "
-                    f"{spec.distributions[index]} recorded {recorded.size}: the install is "
-                    f"damaged; reinstall with: {spec.install_command()} --force-reinstall")
+                    f"{distribution_name} recorded {recorded.size}: the install is "
+                    f"damaged; reinstall with: {reinstall_hint}")
             return path
     return None
+
+
+def _locate_piece(spec: SplitZipModel, index: int) -> Path | None:
+    """Path of one installed piece, or ``None`` when its package (or the file) is absent."""
+    return find_installed_file(spec.distributions[index], spec.piece_name(index),
+                               f"{spec.install_command()} --force-reinstall")
 
 
 def any_piece_installed(spec: SplitZipModel) -> bool:

