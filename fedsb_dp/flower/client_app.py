@@ -45,6 +45,8 @@ from fedsb_dp.rng import RandomStreams
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _MAX_CACHED_CLIENTS = 8
+#: A node's own consent to client-level DP, for nodes whose node config cannot carry it.
+ACCEPT_CLIENT_LEVEL_ENV = "FEDSB_DP_ACCEPT_CLIENT_LEVEL"
 _models: OrderedDict[str, tuple[Any, GradSampleModule, str]] = OrderedDict()
 _clients: OrderedDict[tuple[str, int, str], DPClient] = OrderedDict()
 
@@ -138,18 +140,22 @@ def _admit(setup: SetupInfo, instruction: Instruction, content: Any, context: Co
     Record level: the node's :class:`NodePrivacyPolicy` recomputes σ for the announced plan
     on its own Nᵢ, refuses anything weaker, and reserves the round in the node's own ledger.
     Client level: the node trains without noise and the server sees its raw update, which
-    it accepts only when its operator opted in (node config ``accept-client-level=true``).
+    it accepts only when its operator opted in: node config ``accept-client-level=true``, or
+    the node's environment variable ``FEDSB_DP_ACCEPT_CLIENT_LEVEL=1`` (what the simulation
+    engine sets, since there one operator runs every node).
 
     Raises:
         NodeRefusalError: Nothing is trained or charged; Flower returns an error reply.
 
     """
     if setup.config.dp_level == "client":
-        if str(context.node_config.get("accept-client-level", "")).lower() not in (
-                "true", "1", "yes"):
+        consent = context.node_config.get("accept-client-level",
+                                          os.environ.get(ACCEPT_CLIENT_LEVEL_ENV, ""))
+        if str(consent).lower() not in ("true", "1", "yes"):
             raise NodeRefusalError(
                 f"{client.client_id} refuses client-level DP: the server would see its raw "
-                "update; start the node with node config accept-client-level=true to trust it")
+                "update; start the node with node config accept-client-level=true (or "
+                f"{ACCEPT_CLIENT_LEVEL_ENV}=1 in its environment) to trust it")
         return None
     _, _, data_path = _node_partition(context)
     policy = NodePrivacyPolicy.from_node_config(

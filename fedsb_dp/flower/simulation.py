@@ -39,10 +39,7 @@ def run_flower_simulation(config: RunConfig | None = None, *,
         FedSBError: If the server app ended without writing ``summary.json``.
 
     """
-    from flwr.simulation import run_simulation
-
-    from fedsb_dp.flower.client_app import app as client_app
-    from fedsb_dp.flower.server_app import make_server_app
+    from fedsb_dp.flower.client_app import ACCEPT_CLIENT_LEVEL_ENV
 
     options = options or FlowerOptions()
     if resume is not None:
@@ -59,6 +56,34 @@ def run_flower_simulation(config: RunConfig | None = None, *,
         config = RunConfig.from_dict({**config.to_dict(), "out": out})
     check_supported(config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One operator runs every simulated node, so a client-level run has their consent; the
+    # nodes read it from their environment, which Ray's worker processes inherit.
+    previous = os.environ.get(ACCEPT_CLIENT_LEVEL_ENV)
+    if config.dp_level == "client":
+        os.environ[ACCEPT_CLIENT_LEVEL_ENV] = "1"
+    try:
+        _simulate(config, options, cpus_per_client=cpus_per_client, verbose=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop(ACCEPT_CLIENT_LEVEL_ENV, None)
+        else:
+            os.environ[ACCEPT_CLIENT_LEVEL_ENV] = previous
+    summary_path = os.path.join(out, rd.SUMMARY)
+    if not os.path.exists(summary_path):
+        raise FedSBError(f"the Flower simulation ended without {summary_path}; the server "
+                         "app's error is in the log above")
+    summary = rd.read_json(summary_path)
+    return RunResult(run_dir=out, status=summary["status"], summary=summary)
+
+
+def _simulate(config: RunConfig, options: FlowerOptions, *, cpus_per_client: float,
+              verbose: bool) -> None:
+    """One ``run_simulation`` of the app: a virtual SuperNode per client."""
+    from flwr.simulation import run_simulation
+
+    from fedsb_dp.flower.client_app import app as client_app
+    from fedsb_dp.flower.server_app import make_server_app
+
     run_simulation(
         server_app=make_server_app(config, options),
         client_app=client_app,
@@ -67,9 +92,3 @@ def run_flower_simulation(config: RunConfig | None = None, *,
                         "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
         verbose_logging=verbose,
     )
-    summary_path = os.path.join(out, rd.SUMMARY)
-    if not os.path.exists(summary_path):
-        raise FedSBError(f"the Flower simulation ended without {summary_path}; the server "
-                         "app's error is in the log above")
-    summary = rd.read_json(summary_path)
-    return RunResult(run_dir=out, status=summary["status"], summary=summary)
