@@ -171,7 +171,7 @@ def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *
 
 def _trained_in_float32(config: RunConfig, model: torch.nn.Module) -> None:
     """A trained head or pooler of a reduced-precision base trains in float32 (no-op else)."""
-    train_in_float32(model, trainable_modules(model, train_head=config.train_head,
+    train_in_float32(model, trainable_modules(model, train_head=config.trains_head,
                                               train_pooler=config.train_pooler))
 
 
