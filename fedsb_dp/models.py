@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -351,6 +351,17 @@ def _load_error(name_or_path: str, path: str, exc: Exception) -> ConfigError:
     )
 
 
+def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
+    """Give a tokenizer and model without a pad token the eos token as one.
+
+    Decoder LMs often ship without a pad token; padding positions are masked anyway.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a decoder LM (``AutoModelForCausalLM``) and its tokenizer, in train mode.
 
@@ -374,11 +385,7 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
-    if tokenizer.pad_token is None:
-        # Decoder LMs often ship without a pad token; padding positions are masked anyway.
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    _ensure_pad_token(tokenizer, model)
     # from_pretrained returns eval mode, in which Opacus captures no activations.
     model.train()
     return LoadedModel(model=model, tokenizer=tokenizer, name_or_path=name_or_path,
@@ -436,11 +443,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
-    if tokenizer.pad_token is None:
-        # Decoder LMs often ship without a pad token; padding positions are masked anyway.
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    _ensure_pad_token(tokenizer, model)
     if task == SEQUENCE_CLASSIFICATION:
         if pooling == "auto":
             pooling = checkpoint_pooling(path) if _can_mean_pool(model) else "cls"

@@ -22,22 +22,10 @@ BIN = Path(sys.executable).parent
 @pytest.mark.slow
 def test_cli_flower_simulation(tmp_path):
     out = tmp_path / "sim"
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must be short
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_TMPDIR": ray_tmp, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "FEDSB_DP_NODE_DIR": str(tmp_path / "nodes")}
-    try:
-        run = subprocess.run(
-            [str(BIN / "fedsb-dp"), "run", "--engine", "flower-sim", "--epsilon", "8",
-             "--clients", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "8",
-             "--max-length", "16", "--rank", "4", "--max-train-records", "120",
-             "--max-eval-records", "16", "--accountant", "rdp", "--init",
-             "random-orthonormal", "--out", str(out)],
-            env=env, cwd=tmp_path, capture_output=True, text=True,
-            timeout=900)  # ~50 s on a quiet 2-core box; generous for a loaded one
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    run = _flower_sim(tmp_path, "--epsilon", "8", "--clients", "2", "--rounds", "1",
+                      "--local-steps", "1", "--batch-size", "8", "--max-length", "16",
+                      "--rank", "4", "--max-train-records", "120", "--max-eval-records", "16",
+                      "--accountant", "rdp", "--init", "random-orthonormal", "--out", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Run completed" in run.stdout and "per-client ε" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -62,6 +50,7 @@ def _flower_sim(tmp_path, *args):
            "RAY_TMPDIR": ray_tmp, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "FEDSB_DP_NODE_DIR": str(tmp_path / "nodes")}
     try:
+        # ~50 s on a quiet 2-core box; the timeout is generous for a loaded one.
         return subprocess.run([str(BIN / "fedsb-dp"), "run", "--engine", "flower-sim", *args],
                               env=env, cwd=tmp_path, capture_output=True, text=True,
                               timeout=900)
