@@ -29,6 +29,7 @@ from fedsb_dp.federated.setup import (
     load_data,
     make_client,
     make_method,
+    make_task,
     partition_frames,
 )
 from fedsb_dp.rng import RandomStreams
@@ -86,7 +87,8 @@ def _bf16_setup(**overrides):
     loaded = load_base_model(config, num_labels=data.num_labels)
     inject(config, make_method(config), loaded.model, init_seed=7)
     frames, _ = partition_frames(config, data, partition_seed=0)
-    client = make_client("client-0", frames["client-0"], config, loaded.tokenizer)
+    client = make_client("client-0", frames["client-0"], config, loaded.tokenizer,
+                         make_task(config, data))
     return config, loaded.model, client
 
 
