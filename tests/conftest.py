@@ -100,3 +100,12 @@ def assert_per_sample_gradients_match_loop(model, tokenizer, texts, labels):
             example_losses(model, single, task="sequence-classification").sum(), params)
         for g, ps in zip(grads, per_sample, strict=True):
             torch.testing.assert_close(ps[i], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture()
+def site(tmp_path, monkeypatch):
+    """A fresh directory on sys.path for fake installed packages (wheels' files)."""
+    path = tmp_path / "site"
+    path.mkdir()
+    monkeypatch.syspath_prepend(str(path))  # also invalidates importlib.metadata's caches
+    return path

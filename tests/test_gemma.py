@@ -117,14 +117,6 @@ def _install(site, spec, data: bytes, *, skip=(), digest: str | None = None):
 
 
 @pytest.fixture()
-def site(tmp_path, monkeypatch):
-    path = tmp_path / "site"
-    path.mkdir()
-    monkeypatch.syspath_prepend(str(path))  # also invalidates importlib.metadata's caches
-    return path
-
-
-@pytest.fixture()
 def fake_reader(monkeypatch):
     """Replace only GGUF parsing: a tiny real Gemma-3 model and a real (offline) tokenizer."""
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig

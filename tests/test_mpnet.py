@@ -84,14 +84,6 @@ def _install(site, spec: SplitZipModel, data: bytes, *, skip=(), piece_size=None
             f"{relative},sha256={digest},{len(piece)}\n{info.name}/RECORD,,\n")
 
 
-@pytest.fixture()
-def site(tmp_path, monkeypatch):
-    path = tmp_path / "site"
-    path.mkdir()
-    monkeypatch.syspath_prepend(str(path))  # also invalidates importlib.metadata's caches
-    return path
-
-
 def _read_tree(directory):
     return {str(p.relative_to(directory)): p.read_bytes()
             for p in directory.rglob("*") if p.is_file()}

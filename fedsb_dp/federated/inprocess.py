@@ -24,7 +24,6 @@ from fedsb_dp.federated.data_record import check_same_data, data_record
 from fedsb_dp.federated.initialisation import (
     PublicInitData,
     init_datasets,
-    init_events,
     init_generators,
     load_public_init_data,
     uses_public_data,
@@ -82,8 +81,6 @@ def _prepare(config: RunConfig, data: TextClassificationData, *, partition_seed:
     public_init = (load_public_init_data(config, label_names=data.label_names,
                                          tokenizer=loaded.tokenizer)
                    if uses_public_data(config) else None)
-    # q_init = n_init / N_i ≤ 1 for every client, checked here for private and no-DP runs alike.
-    init_events(config, {cid: c.num_records for cid, c in clients.items()})
     prepared = Prepared(model=loaded.model, tokenizer=loaded.tokenizer,
                         resolved_path=loaded.resolved_path,
                         sizes={cid: c.num_records for cid, c in clients.items()},

@@ -314,11 +314,12 @@ class RoundProtocol:
         method.save_adapter(model, os.path.join(out, rd.INIT_ADAPTER), sb_config(config),
                             base_model=config.model)
         initial = trainable_state(model)
+        fingerprint = frozen_fingerprint(model)
         progress = {
             "completed_rounds": 0, "aggregated_rounds": 0, "failed_rounds": [],
             "partition_seed": partition_seed, "init_seed": init_seed,
-            "noise_multiplier": sigma, "fingerprint": frozen_fingerprint(model),
-            "init_fingerprint": frozen_fingerprint(model), "sizes": dict(sizes),
+            "noise_multiplier": sigma, "fingerprint": fingerprint,
+            "init_fingerprint": fingerprint, "sizes": dict(sizes),
             "engine": engine,
             "bytes_setup": payload_bytes(method.setup_payload(model)) * len(sizes),
             "bytes_up": 0, "bytes_down": 0,
