@@ -10,7 +10,7 @@ import sys
 
 from fedsb_dp import __version__
 from fedsb_dp.console import quiet_expected_warnings
-from fedsb_dp.errors import FedSBError, SettingError
+from fedsb_dp.errors import FedSBError, SettingError, SettingsConflict
 from fedsb_dp.run_flags import add_run_flags, describe_error, values_from_args
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_expected_warnings(transformers_reports=not args.verbose)
     try:
         return int(args.func(args) or 0)
-    except SettingError as exc:
+    except (SettingError, SettingsConflict) as exc:
         print(f"fedsb-dp: error: {describe_error(exc, args)}", file=sys.stderr)
         return 2
     except (FedSBError, ValueError) as exc:

@@ -52,3 +52,29 @@ class DataError(ConfigError):
 
 class AdapterMismatchError(FedSBError, RuntimeError):
     """Frozen adapter factors differ from the ones the federation agreed on."""
+
+
+class SettingsConflict(ConfigError):
+    """Settings that are each valid but contradict one another.
+
+    Like :class:`SettingError` it keeps the settings' names apart from the sentence, so a
+    front end can write each one as its user did (``--epsilon 3 and --no-dp contradict each
+    other``) rather than as field names.
+
+    Attributes:
+        settings: Name → value of every setting the message names, in the order given.
+        template: The message, with ``{name}`` where each setting is named.
+
+    """
+
+    def __init__(self, settings: dict[str, object], template: str) -> None:
+        self.settings, self.template = dict(settings), template
+        super().__init__(self.named({}))
+
+    def __reduce__(self):
+        return (type(self), (self.settings, self.template))
+
+    def named(self, shown: dict[str, str]) -> str:
+        """The message with each setting written as ``shown[name]``, else ``name=value``."""
+        return self.template.format(**{name: shown.get(name, f"{name}={value!r}")
+                                       for name, value in self.settings.items()})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fedsb_dp.errors import SettingError
+from fedsb_dp.errors import SettingError, SettingsConflict
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.settings import SettingField, parse_text, settings_of
 
@@ -105,12 +105,15 @@ def values_from_args(args: argparse.Namespace) -> dict[str, Any]:
             if hasattr(args, dest_of(item))}
 
 
-def describe_error(exc: SettingError, args: argparse.Namespace) -> str:
-    """``exc`` naming the setting as the user gave it: the flag typed, or the TOML file."""
-    typed = (getattr(args, TYPED, None) or {}).get(exc.setting)
-    if typed is not None:
-        return exc.named(typed)
+def describe_error(exc: SettingError | SettingsConflict, args: argparse.Namespace) -> str:
+    """``exc`` naming each setting as the user gave it: the flag typed, or the TOML file."""
+    typed = getattr(args, TYPED, None) or {}
+    names = [exc.setting] if isinstance(exc, SettingError) else list(exc.settings)
+    if isinstance(exc, SettingError):
+        message = exc.named(typed[exc.setting]) if exc.setting in typed else str(exc)
+    else:
+        message = exc.named({name: typed[name] for name in names if name in typed})
     config_file = getattr(args, "config", None)
-    if config_file:
-        return f"{exc} (in {config_file})"
-    return str(exc)
+    if config_file and any(name not in typed for name in names):
+        return f"{message} (in {config_file})"
+    return message

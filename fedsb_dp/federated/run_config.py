@@ -13,7 +13,7 @@ from accounting.accountants import ACCOUNTANTS
 from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
 from fedsb_dp.data import DEFAULT_DATASET
 from fedsb_dp.devices import DTYPES, check_device_name
-from fedsb_dp.errors import ConfigError, SettingError
+from fedsb_dp.errors import ConfigError, SettingError, SettingsConflict
 from fedsb_dp.federated.client import OPTIMIZERS
 from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.federated.settings import check_type, setting, settings_of
@@ -211,47 +211,51 @@ class RunConfig:
                 raise SettingError(name, value, "must be ≥ 1")
         # Then the combinations.
         if self.no_dp and self.epsilon is not None:
-            raise ConfigError(
-                f"epsilon={self.epsilon} and no_dp=True contradict each other: drop one"
-            )
+            raise SettingsConflict({"epsilon": self.epsilon, "no_dp": True},
+                                   "{epsilon} and {no_dp} contradict each other: drop one")
         if not self.no_dp and self.epsilon is None:
-            raise ConfigError("give a privacy target epsilon (e.g. 3), or no_dp=True")
+            raise ConfigError("give a privacy target (--epsilon 3, or epsilon = 3 in a file), "
+                              "or turn DP off (--no-dp, no_dp = true)")
         if self.min_clients > self.clients:
             raise SettingError("min_clients", self.min_clients,
                                f"exceeds clients={self.clients}")
         if self.init == "gradient-svd" and self.init_source == "nonprivate" and not (
             self.allow_nonprivate_init
         ):
-            raise ConfigError(
-                "init_source='nonprivate' reads raw private gradients (ε = ∞); add "
-                "--allow-nonprivate-init to do it anyway, or use --init-source dp"
-            )
+            raise SettingsConflict(
+                {"init_source": self.init_source},
+                "{init_source} reads raw private gradients (ε = ∞); add "
+                "--allow-nonprivate-init to do it anyway, or use --init-source dp")
 
         self._check_task()
         self._check_init_data()
         if self.dp_level == "client" and self.init == "gradient-svd" and (
             self.init_source != "public"
         ):
-            raise ConfigError(
-                "dp_level='client' accounts whole clients; a gradient-svd init on client data "
-                "is a record-level release. Use --init w0-svd, random-orthonormal, or "
-                "--init-source public --init-data PATH|HUB_ID (a public dataset, never the "
-                "clients' records)")
+            raise SettingsConflict(
+                {"dp_level": self.dp_level, "init": self.init},
+                "{dp_level} accounts whole clients; {init} on client data is a record-level "
+                "release. Use --init w0-svd, random-orthonormal, or --init-source public "
+                "--init-data PATH|HUB_ID (a public dataset, never the clients' records)")
 
         if self.client_ranks is not None:
             self._check_client_ranks()
         if self.method != "fedsb" and self.dp_level == "client":
-            raise ConfigError(f"dp_level='client' is implemented for method='fedsb' only, not "
-                              f"{self.method!r}")
+            raise SettingsConflict({"dp_level": self.dp_level, "method": self.method},
+                                   "{dp_level} is implemented for method fedsb only, not "
+                                   "{method}")
         if method_class(self.method)[0].adapter == "lora" and self.init == "gradient-svd":
-            raise ConfigError(f"init='gradient-svd' builds LoRA-SB factors; method="
-                              f"{self.method!r} starts from random A and B = 0 (drop --init)")
+            raise SettingsConflict({"init": self.init, "method": self.method},
+                                   "{init} builds LoRA-SB factors; {method} starts from "
+                                   "random A and B = 0 (drop the init setting)")
         if self.method_is_central and self.dp_level == "client":
-            raise ConfigError(f"method={self.method!r} is a single pooled client; "
-                              "dp_level='client' needs a federation")
+            raise SettingsConflict({"method": self.method, "dp_level": self.dp_level},
+                                   "{method} is a single pooled client; {dp_level} needs a "
+                                   "federation")
         if self.method_is_central and self.partition != "iid":
-            raise ConfigError(f"method={self.method!r} trains on the pooled data; "
-                              f"partition={self.partition!r} does not apply")
+            raise SettingsConflict({"method": self.method, "partition": self.partition},
+                                   "{method} trains on the pooled data; {partition} does "
+                                   "not apply")
 
     def _check_task(self) -> None:
         if self.task != CAUSAL_LM:
@@ -271,9 +275,9 @@ class RunConfig:
                 raise SettingError(name, getattr(self, name),
                                    f"applies to classifiers, not task='{CAUSAL_LM}'")
         if self.init == "gradient-svd" and self.init_source == "public":
-            raise ConfigError(f"init_source='public' reads a labelled classification dataset; "
-                              f"with task='{CAUSAL_LM}' use --init-source dp or a data-free "
-                              "--init")
+            raise SettingsConflict({"init_source": self.init_source, "task": self.task},
+                                   "{init_source} reads a labelled classification dataset; "
+                                   "with {task} use --init-source dp or a data-free --init")
 
     @property
     def trains_head(self) -> bool:
@@ -301,24 +305,27 @@ class RunConfig:
                 "--init-text-column/--init-label-column if its columns differ), never the "
                 "clients' own records")
         if self.init_data is not None and not public:
-            raise ConfigError(
-                f"init_data={self.init_data!r} is only read by --init gradient-svd "
-                f"--init-source public, not init={self.init!r} with "
-                f"init_source={self.init_source!r}; drop --init-data or change the init")
+            raise SettingsConflict(
+                {"init_data": self.init_data, "init": self.init, "init_source": self.init_source},
+                "{init_data} is only read by --init gradient-svd --init-source public, not "
+                "{init} with {init_source}; drop --init-data or change the init")
         if public and self.init_data == self.dataset:
-            raise ConfigError(
-                f"init_data={self.init_data!r} is the training dataset itself; a public init "
-                "must not read the clients' records (use --init-source dp to learn it from "
-                "them with DP, or a data-free --init)")
+            raise SettingsConflict(
+                {"init_data": self.init_data},
+                "{init_data} is the training dataset itself; a public init must not read the "
+                "clients' records (use --init-source dp to learn it from them with DP, or a "
+                "data-free --init)")
 
     def _check_client_ranks(self) -> None:
         ranks = self.client_ranks
         if self.method != "fedsb":
-            raise ConfigError(f"client_ranks (rank-heterogeneous clients) need method='fedsb', "
-                              f"not {self.method!r}")
+            raise SettingsConflict({"client_ranks": list(ranks), "method": self.method},
+                                   "{client_ranks} (rank-heterogeneous clients) needs method "
+                                   "fedsb, not {method}")
         if len(ranks) != self.clients:
-            raise ConfigError(f"client_ranks={list(ranks)} has {len(ranks)} entries for "
-                              f"clients={self.clients}")
+            raise SettingsConflict({"client_ranks": list(ranks), "clients": self.clients},
+                                   f"{{client_ranks}} has {len(ranks)} entries for "
+                                   "{clients}")
         for value in ranks:
             if isinstance(value, bool) or not isinstance(value, int) or not (
                     1 <= value <= self.rank):

@@ -16,7 +16,7 @@ import pytest
 
 from fedsb_dp import __version__
 from fedsb_dp.cli import build_parser, main
-from fedsb_dp.errors import ConfigError, SettingError
+from fedsb_dp.errors import ConfigError, SettingError, SettingsConflict
 from fedsb_dp.federated.run_config import RunConfig, read_settings_file
 from fedsb_dp.federated.settings import SettingField, settings_of
 from fedsb_dp.flower.run_config import FlowerOptions, from_flower, run_values, to_flower
@@ -161,6 +161,30 @@ def test_cli_error_names_the_flag_typed(capsys):
     assert exit_.value.code == 2
     assert "--clip: 'abc' must be a number" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epsilon", "3", "--no-dp"], "--epsilon 3 and --no-dp contradict each other"),
+    (["--no-dp", "--method", "central-lora", "--partition", "dirichlet:0.3"],
+     "--method central-lora trains on the pooled data; --partition dirichlet:0.3 does not"),
+    (["--epsilon", "3", "--dp-level", "client", "--init", "gradient-svd"],
+     "--dp-level client accounts whole clients; --init gradient-svd on client data"),
+    (["--epsilon", "3", "--clients", "3", "--client-ranks", "2,2"],
+     "--client-ranks 2,2 has 2 entries for --clients 3"),
+])
+def test_combination_errors_name_every_flag_typed(argv, message, capsys):
+    assert main(["run", *argv]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_combination_errors_name_fields_in_files_and_survive_pickling(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text("epsilon = 3.0\nno_dp = true\n")
+    assert main(["run", "--config", str(toml)]) == 2
+    assert (f"epsilon=3.0 and no_dp=True contradict each other: drop one (in {toml})"
+            in capsys.readouterr().err)
+    error = pickle.loads(pickle.dumps(SettingsConflict({"rank": 0}, "{rank} is odd")))
+    assert str(error) == "rank=0 is odd"
 
 def test_file_errors_name_the_key_and_the_file(tmp_path, capsys):
     toml = tmp_path / "run.toml"
