@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from fedsb_dp import __version__
+from fedsb_dp import __version__, narration
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.errors import FedSBError, SettingError, SettingsConflict
 from fedsb_dp.run_flags import add_run_flags, describe_error, values_from_args
@@ -81,7 +81,8 @@ def _print_summary(result) -> None:
                                for cid, eps in privacy["per_client_epsilon"].items())
         print(f"  per-client ε    {per_client}")
         noise_name = "noise z (server)" if unit == "client" else "noise σ"
-        print(f"  {noise_name:15s} {s['noise_multiplier']:.4f}")
+        # At least one space after the label, even one longer than the column.
+        print(f"  {noise_name.ljust(15)} {s['noise_multiplier']:.4f}")
     print(f"  rounds          {s['rounds_completed']}/{s['rounds_planned']}")
     print(f"  communicated    setup {_format_bytes(s['bytes_setup'])}, uplink "
           f"{_format_bytes(s['bytes_up'])}, downlink {_format_bytes(s['bytes_down'])} "
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Differentially private federated fine-tuning with Fed-SB.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no status or per-round lines on stderr (results still on stdout)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     register(subparsers)
@@ -161,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         # before the subcommand from being reset by the subparser's default.
         subparser.add_argument("-v", "--verbose", action="store_true",
                                default=argparse.SUPPRESS, help="log progress details")
+        subparser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                               help="no status or per-round lines on stderr")
     return parser
 
 
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_expected_warnings(transformers_reports=not args.verbose)
+    # Status and per-round lines go to stderr with the progress bars; stdout keeps results.
+    narration.show(not args.quiet)
     try:
         return int(args.func(args) or 0)
     except (SettingError, SettingsConflict) as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from opacus import GradSampleModule
 
+from fedsb_dp import narration
 from fedsb_dp.adapters import gradient_svd_init
 from fedsb_dp.adapters.export import export_peft_adapter, save_merged
 from fedsb_dp.data import TextClassificationData
@@ -73,6 +74,7 @@ def _prepare(config: RunConfig, data: TextClassificationData, *, partition_seed:
              ) -> tuple[Prepared, dict[str, DPClient], dict[str, Any], PublicInitData | None]:
     """Partition, clients and model — everything that can fail before spending."""
     frames, partition = partition_frames(config, data, partition_seed=partition_seed)
+    narration.say(f"loading model {config.model} …")
     loaded = load_base_model(config, num_labels=data.num_labels)
     task = make_task(config, data)
     clients = {cid: make_client(cid, frame, config, loaded.tokenizer, task)
@@ -126,6 +128,7 @@ def _start(config: RunConfig, *, check_export: bool, in_memory: Any = None,
     out = config.out or rd.default_run_dir()
     config = RunConfig.from_dict({**config.to_dict(), "out": out})
     rd.check_new_run_dir(out)  # fail fast, before loading anything
+    narration.say(f"loading data {config.dataset} …")
     data = load_data(config, data=in_memory)
     streams = RandomStreams(config.seed)
     partition_seed = streams.integer("partition")
@@ -178,6 +181,8 @@ def run_federation(
                           f"method={config.method!r}")
     if resume:
         saved, state = RoundProtocol.saved(config.out)
+        narration.say(f"resuming {config.out} after round {state['completed_rounds']}; "
+                      f"loading data {saved.dataset} …")
         loaded = load_data(saved, data=data)
         check_same_data(config.out, loaded)  # before the model is loaded or a step is run
         prepared, clients, _, _ = _prepare(saved, loaded, partition_seed=state["partition_seed"])

@@ -47,6 +47,7 @@ from accounting import (
     default_delta,
     federation_epsilon,
 )
+from fedsb_dp import narration
 from fedsb_dp.adapters import frozen_fingerprint, trainable_state
 from fedsb_dp.errors import FedSBError
 from fedsb_dp.federated import release
@@ -196,6 +197,17 @@ class Prepared:
     evaluator: Evaluator
 
 
+def _init_description(config: RunConfig, method: FederatedMethod) -> str:
+    """How the adapters start, in the words of the console."""
+    if method.adapter == "lora":
+        return "random A, B = 0"
+    if config.init != "gradient-svd":
+        return config.init
+    return {"dp": "DP gradient-SVD", "public": "gradient-SVD on public data",
+            "nonprivate": "NON-PRIVATE gradient-SVD"}.get(config.init_source,
+                                                          config.init_source)
+
+
 class RoundProtocol:
     """The server side of one run (see the module docstring).
 
@@ -272,6 +284,9 @@ class RoundProtocol:
             targets_of(config, prepared.model)  # the rank against every target, up front
         charged_init = init_events(config, sizes)
         plan = unit.plan(sizes, charged_init)
+        if config.private:
+            narration.say(f"calibrating σ for ε={config.epsilon:g} at δ={delta:.1e} over "
+                          f"{config.rounds} rounds ({config.accountant.upper()}) …")
         sigma = (calibrate_noise_multiplier(
             target_epsilon=config.epsilon, target_delta=delta,
             plan=plan, accountant=config.accountant,
@@ -307,6 +322,7 @@ class RoundProtocol:
                 ledger.record(cid, event, count=1, kind="init")
             ledger.save(ledger_path)
         model = prepared.model
+        narration.say(f"initialising adapters ({_init_description(config, method)}) …")
         if initialise is not None:
             initialise(model)
         if not trainable_state(model):
@@ -538,7 +554,7 @@ class RoundProtocol:
                         bytes_down=progress["bytes_down"] + outcome.bytes_down)
         epsilon = (epsilon_report(self.path(rd.LEDGER), self.delta, self.config.accountant)
                    ["epsilon"] if self.config.private else math.inf)
-        release.write_round(self.out, {
+        released = release.write_round(self.out, {
             "round": ticket.round_index + 1, "participants": outcome.participants,
             "aggregated": outcome.aggregated, "valid": outcome.valid,
             "dropped": outcome.dropped, "rejected": outcome.rejected, **outcome.metrics,
@@ -548,8 +564,9 @@ class RoundProtocol:
             "round_time_s": time.time() - ticket.started,
             "elapsed_s": time.time() - self.started}, dp_level=config.dp_level)
         rd.write_json_atomic(self.path(rd.PROGRESS), progress)
-        logger.info("round %d: validation %s, ε so far %.4g", ticket.round_index + 1,
-                    outcome.metrics, epsilon)
+        # Both drivers pass here: one line per round, built from the released record only.
+        narration.say(narration.round_line(released, rounds=config.rounds,
+                                           target_epsilon=config.epsilon))
 
     # ------------------------------------------------------------------ the end
     def stop(self, status: str, message: str) -> None:

@@ -81,17 +81,22 @@ def append_operator(run_directory: str, kind: str, record: Mapping[str, Any]) ->
     rd.append_jsonl(os.path.join(run_directory, rd.OPERATOR), {"kind": kind, **record})
 
 
-def write_round(run_directory: str, record: Mapping[str, Any], *, dp_level: str) -> None:
+def write_round(run_directory: str, record: Mapping[str, Any], *,
+                dp_level: str) -> dict[str, Any]:
     """Write one round: its releasable fields to ``metrics.jsonl``, the rest to the operator.
 
     Args:
         run_directory: The run directory.
         record: Everything known about the round (must hold ``round``).
         dp_level: The run's privacy unit.
+
+    Returns:
+        The released part, as written to ``metrics.jsonl`` (all a console may show).
     """
     released, operator = split_record(record, dp_level=dp_level)
     rd.append_jsonl(os.path.join(run_directory, rd.METRICS), released)
     append_operator(run_directory, "round", {"round": record["round"], **operator})
+    return released
 
 
 def expected_traffic(payload_by_client: Mapping[str, int], *, participation: float,

@@ -26,6 +26,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedsb_dp import narration
 from fedsb_dp.adapters import frozen_fingerprint
 from fedsb_dp.console import quiet_expected_warnings
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
@@ -115,11 +116,13 @@ def _prepare(config: RunConfig, progress: dict[str, Any] | None,
              ) -> tuple[SetupInfo, Any, Evaluator]:
     """The evaluator's data, the public seeds and the model (adapters injected when new)."""
     streams = RandomStreams(config.seed)
+    narration.say(f"loading data {config.dataset} …")
     data = load_data(config)
     seeds = ((progress["partition_seed"], progress["init_seed"]) if progress else
              (streams.integer("partition"), streams.integer("init-factors")))
     setup = SetupInfo(config=config, partition_seed=seeds[0], init_seed=seeds[1],
                       label_names=tuple(data.label_names))
+    narration.say(f"loading model {config.model} …")
     loaded = load_base_model(config, num_labels=data.num_labels)
     return setup, loaded, Evaluator.build(config, data, loaded.tokenizer)
 
@@ -172,6 +175,7 @@ def make_server_app(config: RunConfig | None = None,
             # Started by Flower (``flwr run``): this process is ours to configure, as the CLI
             # configures its own; a caller that passes ``config`` keeps its logging as it is.
             quiet_expected_warnings(transformers_reports=False)
+            narration.show()  # the same status and per-round lines as fedsb-dp run
             run, opts = from_flower(context.run_config)
         else:
             run, opts = config, options or FlowerOptions()

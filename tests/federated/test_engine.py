@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 
 from accounting import PrivacyLedger, federation_epsilon
 from accounting.audit import audit_run
+from fedsb_dp import narration
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
@@ -200,6 +202,17 @@ def test_cli_run_and_bad_epsilon(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout and "per-client ε" in done.stdout
     assert "communicated" in done.stdout and str(out) in done.stdout
+    # What it is doing goes to stderr with the progress bars, in order; stdout keeps results.
+    said = [line for line in done.stderr.splitlines()
+            if line.startswith(("loading", "calibrating", "initialising", "round "))]
+    assert [line.split(" ")[0] for line in said] == [
+        "loading", "loading", "calibrating", "initialising", "round"], done.stderr
+    assert said[2].startswith("calibrating σ for ε=3 at δ=")
+    assert said[3] == "initialising adapters (w0-svd) …"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert said[4] == (f"round 1/1  validation accuracy {record['validation_accuracy']:.4f}  "
+                       f"ε spent {record['epsilon']:.4f} of 3")
+    assert "round 1/1" not in done.stdout
 
 
 @pytest.mark.slow
@@ -249,7 +262,18 @@ def test_toml_config_equals_flags(tmp_path):
 
 def test_client_level_mode_accounting(tmp_path):
     config = _config(tmp_path, dp_level="client", epsilon=20.0, rounds=2, participation=1.0)
-    result = run_federation(config, progress=False)
+    heard = io.StringIO()
+    narration.show(stream=heard)
+    try:
+        result = run_federation(config, progress=False)
+    finally:
+        narration.show(False)
+    # The per-round line shows the released record only: no client, cohort or traffic.
+    released = [json.loads(line) for line in
+                open(os.path.join(result.run_dir, "metrics.jsonl"), encoding="utf-8")]
+    rounds = [line for line in heard.getvalue().splitlines() if line.startswith("round ")]
+    assert rounds == [narration.round_line(r, rounds=2, target_epsilon=20.0) for r in released]
+    assert not any("client-" in line or "participa" in line for line in rounds)
     assert result.status == "completed"
     ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
     assert ledger.unit == "client" and ledger.clients == ["federation"]
