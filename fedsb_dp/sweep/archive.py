@@ -2,9 +2,9 @@
 
 A finished cell holds adapters and checkpoints (megabytes) next to the few JSON files that an
 audit needs: its config, ledger, per-round metrics, provenance and summary. Archiving copies
-only those, so a published benchmark stays small and ``fedsb-dp report`` can still recompute
-every ε from the archived ledgers. ``partition.json`` stays behind: its exact per-client label
-counts are not a DP release.
+only those (the config without the run's own ``out`` path), so a published benchmark stays
+small and ``fedsb-dp report`` can still recompute every ε from the archived ledgers.
+``partition.json`` stays behind: its exact per-client label counts are not a DP release.
 """
 
 from __future__ import annotations
@@ -25,6 +25,27 @@ AUDIT_FILES = (rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROVENANCE, rd.SUMMARY)
 MERGE_COLUMNS = ("run", "method", "rank", "partition", "seed", "target_epsilon", "epsilon",
                  "test_accuracy", "test_macro_f1", "noise_multiplier", "trainable_parameters",
                  "noise_norm_per_step", "bytes_total")
+
+
+def archived_config(path: str) -> dict:
+    """A run's ``config.json`` as an archive keeps it: without the run's ``out`` path.
+
+    ``out`` named the directory on the machine that ran the cell (an absolute path there);
+    in an archive it is neither true nor needed, and it is outside the config digest
+    (:meth:`RunConfig.digest`), so dropping it keeps the provenance check intact.
+    """
+    record = rd.read_json(path)
+    record["config"] = {k: v for k, v in record["config"].items() if k != "out"}
+    return record
+
+
+def _same(run: str, target: str, name: str) -> bool:
+    theirs = os.path.join(target, name)
+    if not os.path.exists(theirs):
+        return False
+    if name == rd.CONFIG:
+        return archived_config(os.path.join(run, name)) == archived_config(theirs)
+    return filecmp.cmp(os.path.join(run, name), theirs, shallow=False)
 
 
 def archive_runs(source: str, dest: str) -> list[str]:
@@ -53,9 +74,7 @@ def archive_runs(source: str, dest: str) -> list[str]:
         target = os.path.join(cells, name)
         present = [f for f in AUDIT_FILES if os.path.exists(os.path.join(run, f))]
         if os.path.exists(target):
-            same = all(os.path.exists(os.path.join(target, f))
-                       and filecmp.cmp(os.path.join(run, f), os.path.join(target, f),
-                                       shallow=False) for f in present)
+            same = all(_same(run, target, f) for f in present)
             if not same:
                 raise ConfigError(f"{target!r} already archives a different run named "
                                   f"{name!r}; archive to another directory")
@@ -63,7 +82,11 @@ def archive_runs(source: str, dest: str) -> list[str]:
             continue
         staging = tempfile.mkdtemp(prefix=f".{name}.", dir=cells)
         for f in present:
-            shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
+            if f == rd.CONFIG:
+                rd.write_json_atomic(os.path.join(staging, f),
+                                     archived_config(os.path.join(run, f)))
+            else:
+                shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
         os.replace(staging, target)
         done.append(target)
     return done

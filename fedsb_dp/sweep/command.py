@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
 from fedsb_dp.errors import ConfigError
@@ -65,17 +66,43 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from fedsb_dp.sweep.plan import (
+        estimate_s,
+        format_duration,
+        measured_speed,
+        plan_lines,
+        wall_time,
+    )
     from fedsb_dp.sweep.report import write_report
-    from fedsb_dp.sweep.runner import run_sweep
+    from fedsb_dp.sweep.runner import cell_dir, check_sweep_dir, run_sweep
 
     spec = spec_from_args(args)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be ≥ 1")
+    check_sweep_dir(spec, args.out)  # a refused directory fails before the plan is shown
+    for line in plan_lines(spec, args.out, workers=args.workers):
+        print(line)
+    if args.dry_run:
+        return 0
     cells = spec.cells()
-    print(f"sweep: {len(cells)} cells → {args.out}")
+    left = [c for c in cells if not os.path.exists(os.path.join(cell_dir(args.out, c),
+                                                                "summary.json"))]
+    timed: dict = {}
 
     def report(cell, status):
         eps = "∞" if math.isinf(cell.epsilon) else f"{cell.epsilon:g}"
         print(f"  {status:14s} ε={eps:4s} {cell.method:12s} r={cell.rank:<3d} "
               f"{cell.partition:14s} seed={cell.seed}", flush=True)
+        if cell in left:
+            left.remove(cell)
+        seconds = wall_time(cell_dir(args.out, cell)) if status != "skipped" else None
+        if seconds is not None and not timed and left:
+            # The first cell run here gives this machine's speed: say what remains.
+            timed[cell] = seconds
+            speed = measured_speed(spec, timed)
+            print(f"  first cell took {format_duration(seconds)}; the {len(left)} left ≈ "
+                  f"{format_duration(estimate_s(spec, left, speed, args.workers))} "
+                  f"({speed.basis})", flush=True)
 
     statuses = run_sweep(spec, args.out, progress=not args.no_progress, on_cell=report,
                          workers=args.workers)
@@ -126,6 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cells run at once in separate processes, sharing the cores "
                              "(default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the cells (and how many are done) and the time estimate, "
+                             "then exit without running or writing anything")
     parser.set_defaults(func=_sweep)
     report = subparsers.add_parser(
         "report", help="regenerate a report from run or sweep directories",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
@@ -91,8 +92,9 @@ def comparison(summary, frame=None):
 
     rows = []
     federated = summary[~summary["method"].str.startswith("central")]
-    for (partition, eps), group in federated.groupby(["partition", "target_epsilon"],
-                                                     sort=True):
+    for (partition, eps), group in sorted(
+            federated.groupby(["partition", "target_epsilon"], sort=True),
+            key=lambda item: (partition_key(item[0][0]), item[0][1])):
         ours = group[group["method"] == "fedsb"]
         theirs = group[group["method"] != "fedsb"]
         if ours.empty or theirs.empty:
@@ -147,7 +149,7 @@ def _plots(summary, directory: str) -> list[str]:
     dashes = ["-", "--", ":", "-."]
     rank_lines = {r: dashes[i % len(dashes)] for i, r in enumerate(ranks)}
     rank_sizes = {r: 12 * i for i, r in enumerate(ranks)}
-    partitions = sorted(summary["partition"].unique())
+    partitions = sorted(summary["partition"].unique(), key=partition_key)
     positions, _ = _eps_positions(summary["target_epsilon"].unique())
     fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2),
                              squeeze=False)
@@ -176,7 +178,8 @@ def _plots(summary, directory: str) -> list[str]:
 
     # A Pareto front only compares like with like: one panel per partition and target ε.
     panels = sorted(summary[["partition", "target_epsilon"]].drop_duplicates()
-                    .itertuples(index=False, name=None))
+                    .itertuples(index=False, name=None),
+                    key=lambda panel: (partition_key(panel[0]), panel[1]))
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
@@ -210,8 +213,7 @@ def _plots(summary, directory: str) -> list[str]:
     private = summary[summary["target_epsilon"].apply(math.isfinite)]
     # σ depends on each client's sampling rate, so skewed splits change it: show one partition
     # (IID when swept) rather than mixing them.
-    shown = "iid" if (private["partition"] == "iid").any() else (
-        private["partition"].min() if len(private) else None)
+    shown = min(private["partition"].unique(), key=partition_key) if len(private) else None
     private = private[private["partition"] == shown]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     if len(private):
@@ -270,6 +272,20 @@ def _method_key(method: str) -> tuple[int, str]:
     return known, method
 
 
+def partition_key(partition: str) -> tuple[int, float, str]:
+    """Sort key of a partition in paper order.
+
+    IID first, then Dirichlet by decreasing α (more skewed later), then quantity skew by
+    decreasing β, then anything else (e.g. ``pooled``) by name.
+    """
+    try:
+        spec = PartitionSpec.parse(partition)
+    except ConfigError:
+        return 3, 0.0, partition
+    rank = {"iid": 0, "dirichlet": 1, "quantity": 2}.get(spec.kind, 3)
+    return rank, -(spec.concentration or 0.0), partition
+
+
 def _pair_key(pair: tuple[str, int]) -> tuple[int, str, int]:
     """Sort key of a (method, rank) pair: method order, then rank."""
     return (*_method_key(pair[0]), pair[1])
@@ -298,7 +314,9 @@ def accuracy_grid(summary):
     keys = sorted({(m, int(r)) for m, r in zip(summary["method"], summary["rank"],
                                                 strict=True)}, key=_pair_key)
     rows = []
-    for (partition, eps), group in summary.groupby(["partition", "target_epsilon"], sort=True):
+    groups = sorted(summary.groupby(["partition", "target_epsilon"], sort=True),
+                    key=lambda item: (partition_key(item[0][0]), item[0][1]))
+    for (partition, eps), group in groups:
         row = {"partition": partition, "ε": _fmt(float(eps))}
         for method, rank in keys:
             hit = group[(group["method"] == method) & (group["rank"] == rank)]

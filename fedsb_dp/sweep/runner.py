@@ -26,21 +26,26 @@ def cell_dir(out: str, cell: Cell) -> str:
     return os.path.join(out, CELLS, cell.name)
 
 
-def _claim_sweep_dir(spec: SweepSpec, out: str) -> None:
-    """Create the sweep directory, or resume or extend the sweep it holds.
+def check_sweep_dir(spec: SweepSpec, out: str) -> str:
+    """What running ``spec`` in ``out`` would do, without writing anything.
 
     A grid may grow or change its axes (more seeds, another ε or rank) in place, because a
     cell's run is fixed by its grid point and its method's settings: every method the two
     specifications share must have the same settings, else the finished cells would answer a
     different question and the directory is refused.
+
+    Returns:
+        ``"new"`` (no sweep there yet), ``"resume"`` (the same grid) or ``"extend"``.
+
+    Raises:
+        ConfigError: If ``out`` holds something else, or a sweep with other settings.
     """
     path = os.path.join(out, SPEC_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
-            saved_record = json.load(fh)
-        saved = SweepSpec.from_dict(saved_record["spec"])
+            saved = SweepSpec.from_dict(json.load(fh)["spec"])
         if saved.digest() == spec.digest():
-            return
+            return "resume"
         changed = [m for m in spec.methods
                    if m in saved.methods and saved.settings_of(m) != spec.settings_of(m)]
         if changed:
@@ -49,15 +54,27 @@ def _claim_sweep_dir(spec: SweepSpec, out: str) -> None:
                 f"(there: {[saved.settings_of(m) for m in changed]}); choose another --out, "
                 "or change only the grid (epsilons, methods, ranks, partitions, seeds) to "
                 "extend it")
+        return "extend"
+    if os.path.exists(out) and os.listdir(out):
+        raise ConfigError(f"{out!r} exists and is not a sweep directory; choose another --out")
+    return "new"
+
+
+def _claim_sweep_dir(spec: SweepSpec, out: str) -> None:
+    """Create the sweep directory, or resume or extend the sweep it holds (see above)."""
+    state = check_sweep_dir(spec, out)
+    path = os.path.join(out, SPEC_FILE)
+    if state == "extend":
+        with open(path, encoding="utf-8") as fh:
+            saved_record = json.load(fh)
         logger.info("extending the sweep in %s to a new grid", out)
         rd.write_json_atomic(path, {
             **saved_record, "spec": spec.to_dict(),
-            "previous_specs": [*saved_record.get("previous_specs", []), saved.to_dict()]})
-        return
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out!r} exists and is not a sweep directory; choose another --out")
-    os.makedirs(os.path.join(out, CELLS), exist_ok=True)
-    rd.write_json_atomic(path, {"spec": spec.to_dict(), "created": time.time()})
+            "previous_specs": [*saved_record.get("previous_specs", []),
+                               SweepSpec.from_dict(saved_record["spec"]).to_dict()]})
+    elif state == "new":
+        os.makedirs(os.path.join(out, CELLS), exist_ok=True)
+        rd.write_json_atomic(path, {"spec": spec.to_dict(), "created": time.time()})
 
 
 def _run_cell(cell: Cell, base: dict, path: str, progress: bool,

@@ -14,6 +14,7 @@ import pytest
 
 from accounting.errors import LedgerIntegrityError
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.sweep import SweepSpec, collect_results, run_sweep, write_report
 
 BASE = dict(max_train_records=120, max_eval_records=32, clients=2, rounds=1, local_steps=2,
@@ -259,6 +260,15 @@ def test_an_archive_keeps_no_weights_and_reports_from_its_own_ledgers(sweep_dir,
     original = collect_results(sweep_dir, write=False)
     pd.testing.assert_frame_equal(collect_results(dest, write=False), original)
     assert archive_runs(sweep_dir, dest) == cells  # archiving again changes nothing
+    # No path of the machine that ran it: the archived config has no `out`, same digest.
+    from accounting.audit import audit_run
+
+    for cell in cells:
+        record = json.load(open(os.path.join(cell, "config.json"), encoding="utf-8"))
+        assert "out" not in record["config"] and sweep_dir not in json.dumps(record)
+        assert RunConfig.from_dict(record["config"]).digest() == record["digest"]
+    checks = {name: ok for name, ok, _ in audit_run(cells[0]).checks}
+    assert checks["config"]
     # The archived ledger is what the report reads, and an edited one is refused, not used.
     ledger = os.path.join(dest, "cells", "eps3_fedsb_r2_iid_s0", "ledger.json")
     text = open(ledger, encoding="utf-8").read()
@@ -321,5 +331,120 @@ def test_accuracy_grid_puts_fedsb_first_and_leaves_unrun_cells_empty():
     assert high["fedsb r=64"] == "0.750 ± 0.071 (2)"
 
 
+
+def test_partitions_in_paper_order_iid_then_dirichlet_by_decreasing_alpha(tmp_path,
+                                                                          monkeypatch):
+    import matplotlib.axes
+
+    from fedsb_dp.sweep.report import _plots, accuracy_grid, aggregate
+
+    order = ["dirichlet:0.1", "iid", "dirichlet:1", "dirichlet:0.3"]
+    summary = aggregate(_frame([dict(method="fedsb", seed=0, test_accuracy=0.7, partition=p)
+                                for p in order]))
+    paper = ["iid", "dirichlet:1", "dirichlet:0.3", "dirichlet:0.1"]
+    assert accuracy_grid(summary)["partition"].tolist() == paper
+    titles = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, text, *a, **k: (titles.append(text),
+                                                   original(ax, text, *a, **k))[1])
+    _plots(summary, str(tmp_path))
+    assert titles[:4] == [f"partition: {p}" for p in paper]  # accuracy vs ε, one per panel
+    assert titles[4:8] == [f"{p}, ε = 3" for p in paper]  # the Pareto panels
+
 # End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
 pytestmark = pytest.mark.slow
+
+
+def _grid_flags(seeds: str) -> list[str]:
+    """The CLI form of ``_spec(seeds=…)``: the fixture's grid and base settings."""
+    sets = [f"--set={k}={v}" for k, v in BASE.items()]
+    return ["--epsilons", "3,inf", "--methods", "fedsb,ffa-lora", "--partitions", "iid",
+            "--ranks", "2", "--seeds", seeds, *sets]
+
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(d, f), path),
+                   os.path.getmtime(os.path.join(d, f)))
+                  for d, _, files in os.walk(path) for f in files)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(sweep_dir, tmp_path, capsys):
+    from fedsb_dp.cli import main
+    from fedsb_dp.sweep.plan import format_duration, wall_time
+
+    new = tmp_path / "new"
+    assert main(["sweep", "--out", str(new), *_grid_flags("0,1,2"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not new.exists()
+    assert out[0] == f"sweep: 12 cells → {new}"
+    assert out[1].split() == ["method", "ε", "partition", "ranks", "seeds", "cells", "done"]
+    assert out[2].split() == ["fedsb", "3", "iid", "2", "0,1,2", "3", "0"]
+    assert out[5].split() == ["ffa-lora", "∞", "iid", "2", "0,1,2", "3", "0"]
+    assert "MiniLM constant" in out[6] and out[6].startswith("estimate: 12 cell(s) ≈ ")
+    before = _tree(sweep_dir)
+    assert main(["sweep", "--out", sweep_dir, *_grid_flags("0"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(4 done, 0 to run)") and out[-1].endswith("every cell is done)")
+    # A grown grid on this machine: the 4 new cells cost what the 4 finished ones took.
+    assert main(["sweep", "--out", sweep_dir, *_grid_flags("0,1"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(4 done, 4 to run)") and out[2].split()[-2:] == ["2", "1"]
+    times = sorted(wall_time(os.path.join(sweep_dir, "cells", c.name))
+                   for c in _spec().cells())
+    median = (times[1] + times[2]) / 2
+    assert out[-1] == (f"estimate: 4 cell(s) ≈ {format_duration(4 * median)} with 1 worker(s) "
+                       "(measured on 4 finished cell(s) of this sweep on this machine)")
+    assert _tree(sweep_dir) == before
+
+
+def test_cli_sweep_prints_the_plan_then_the_first_cells_speed(sweep_dir, tmp_path, capsys):
+    from fedsb_dp.cli import main
+
+    copy = str(tmp_path / "grown-cli")
+    shutil.copytree(sweep_dir, copy)
+    flags = [f for f in _grid_flags("0,1") if f not in ("3,inf", "fedsb,ffa-lora")]
+    flags[flags.index("--epsilons") + 1:flags.index("--epsilons") + 1] = ["3"]
+    flags[flags.index("--methods") + 1:flags.index("--methods") + 1] = ["fedsb"]
+    assert main(["sweep", "--out", copy, *flags, "--seeds", "0,1,2", "--no-progress",
+                 "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"sweep: 3 cells → {copy} (1 done, 2 to run)"
+    assert out[3].startswith("estimate: 2 cell(s) ≈ ") and "measured on 4" not in out[3]
+    assert out[4].split()[:2] == ["skipped", "ε=3"] and out[5].split()[0] == "completed"
+    assert out[6].startswith("  first cell took ") and "the 1 left ≈ " in out[6]
+    assert out[7].split()[0] == "completed"
+
+
+def test_report_html_renders_in_a_real_browser(sweep_dir, tmp_path):
+    """report.html in headless Chromium: every plot decodes and the page is not blank.
+
+    Skipped on a workstation without Chromium; under CI (CI=true) a missing browser fails.
+    """
+    import io
+    import pathlib
+
+    import matplotlib.image
+    from browser import Browser, chromium_path
+
+    executable = chromium_path()
+    if executable is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI must run the browser test: apt-get install -y chromium")
+        pytest.skip("no Chromium on this machine (apt-get install -y chromium); CI runs it")
+    copy = str(tmp_path / "report")
+    shutil.copytree(sweep_dir, copy)
+    page = write_report(copy)["html"]
+    with Browser(executable) as browser:
+        browser.open(pathlib.Path(page).resolve().as_uri())
+        images = browser.evaluate(
+            "Array.from(document.images, i => [i.alt, i.complete, i.naturalWidth])")
+        text = browser.evaluate("document.body.innerText")
+        png = browser.screenshot()
+    assert [alt for alt, _, _ in images] == ["accuracy_vs_epsilon.png", "accuracy_vs_bytes.png",
+                                             "noise_scale.png"]
+    assert all(complete and width > 0 for _, complete, width in images), images
+    assert "fedsb" in text
+    pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert pixels.shape[0] > 600 and pixels.shape[1] >= 1200
+    assert pixels[..., :3].std() > 0.05  # a blank or single-colour page is ~0
