@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedsb_dp.errors import ConfigError
+from fedsb_dp.errors import ConfigError, DataSettingError
 from fedsb_dp.gguf_models import (
     GEMMA_3_270M,
     SplitGGUFModel,
@@ -218,6 +218,8 @@ class LoadedModel:
         resolved_path: Where the weights were read from.
         task: ``"sequence-classification"`` or ``"causal-lm"``.
         num_labels: Number of classes for classification, else ``None``.
+        notes: What loading changed in the checkpoint (a replaced classification head), for
+            the run's output and provenance.
 
     """
 
@@ -227,6 +229,7 @@ class LoadedModel:
     resolved_path: str
     task: str
     num_labels: int | None
+    notes: tuple[str, ...] = ()
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -344,10 +347,13 @@ def reset_head(model: nn.Module, *, seed: int) -> None:
 
 
 def _load_error(name_or_path: str, path: str, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"cannot load model {name_or_path!r} (resolved to {path!r}): {exc}. Give a hub id "
-        "(needs the network), a local model directory, or an offline alias ('minilm', "
-        "'mpnet', 'gemma-270m')"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    where = f" (resolved to {path!r})" if path != name_or_path else ""
+    return DataSettingError(
+        "model", name_or_path,
+        f"cannot load model{where}: {first}. Give a hub id (needs the network), a local "
+        "model directory with its config, weights and tokenizer files, or an offline alias "
+        "('minilm', 'mpnet', 'gemma-270m')"
     )
 
 
@@ -438,11 +444,15 @@ def load_model(
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype
+        trained_head = _checkpoint_head_labels(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, output_loading_info=True,
+            # A trained head of another size is replaced below; nothing else may mismatch.
+            ignore_mismatched_sizes=trained_head is not None and trained_head != num_labels,
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
+    notes = _head_notes(model, info, name_or_path, trained_head, num_labels)
     _ensure_pad_token(tokenizer, model)
     if task == SEQUENCE_CLASSIFICATION:
         if pooling == "auto":
@@ -460,4 +470,46 @@ def load_model(
         resolved_path=path,
         task=task,
         num_labels=num_labels if task == SEQUENCE_CLASSIFICATION else None,
+        notes=notes,
     )
+
+
+def _checkpoint_head_labels(path: str) -> int | None:
+    """Labels of the classification head a checkpoint was saved with (``None``: no head).
+
+    Raises:
+        OSError, ValueError: If the checkpoint's config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if any(name.endswith("ForSequenceClassification")
+           for name in getattr(config, "architectures", None) or ()):
+        return int(config.num_labels)
+    return None
+
+
+def _head_notes(model: nn.Module, info: dict[str, Any], name_or_path: str,
+                trained_head: int | None, num_labels: int) -> tuple[str, ...]:
+    """Say what happened to a checkpoint's trained head; refuse other mismatched weights.
+
+    Raises:
+        ConfigError: If a weight outside the head did not fit the architecture.
+    """
+    head = find_head(model)
+    prefix = f"{head[0]}." if head is not None else None
+    outside = [key for key, *_ in info.get("mismatched_keys", ())
+               if prefix is None or not key.startswith(prefix)]
+    if outside:
+        raise ConfigError(f"model {name_or_path!r}: weights {outside[:3]} do not fit the "
+                          "architecture its config declares; the checkpoint is inconsistent")
+    if trained_head is None:
+        return ()
+    if trained_head != num_labels:
+        note = (f"the checkpoint's {trained_head}-label classification head was replaced by "
+                f"a fresh {num_labels}-label head (this dataset has {num_labels} labels)")
+    else:
+        note = (f"the checkpoint's trained {num_labels}-label classification head was "
+                "replaced by a fresh one drawn from the run's seed, like every head")
+    logger.warning("model %r: %s", name_or_path, note)
+    return (note,)
