@@ -326,9 +326,10 @@ def _check_labels(labels: pd.Series, label_column: str) -> None:
         fractional = present[present != present.round()]
         fractional = fractional[fractional != -1]
         if len(fractional):
+            example = float(fractional.iloc[0])
             raise DataSettingError("label_column", label_column, f"holds fractional numbers "
-                                   f"(e.g. {float(fractional.iloc[0])!r}); a classifier needs class "
-                                   "labels, not a continuous score")
+                                   f"(e.g. {example!r}); a classifier needs class labels, "
+                                   "not a continuous score")
 
 
 def _standardise(

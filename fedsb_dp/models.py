@@ -357,6 +357,26 @@ def _load_error(name_or_path: str, path: str, exc: Exception) -> ConfigError:
     )
 
 
+def _check_tokenizer(tokenizer: Any, model: Any, name_or_path: str) -> None:
+    """Refuse a tokenizer that cannot cover the model's vocabulary.
+
+    ``transformers`` builds an empty tokenizer (a handful of special tokens) from a model
+    directory saved without its tokenizer files, instead of failing; training through it
+    would map every word to [UNK].
+
+    Raises:
+        DataSettingError: If the tokenizer knows fewer than half the model's token ids.
+    """
+    vocabulary = getattr(model.config, "vocab_size", None) or getattr(
+        model.config.get_text_config(), "vocab_size", None)
+    if vocabulary and len(tokenizer) < vocabulary // 2:
+        raise DataSettingError(
+            "model", name_or_path,
+            f"has a tokenizer of {len(tokenizer)} tokens for a vocabulary of {vocabulary}: "
+            "its tokenizer files (tokenizer.json, vocab.txt, …) are missing; save them with "
+            "the model (tokenizer.save_pretrained(DIR))")
+
+
 def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
     """Give a tokenizer and model without a pad token the eos token as one.
 
@@ -391,6 +411,7 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
+    _check_tokenizer(tokenizer, model, name_or_path)
     _ensure_pad_token(tokenizer, model)
     # from_pretrained returns eval mode, in which Opacus captures no activations.
     model.train()
@@ -452,6 +473,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
+    _check_tokenizer(tokenizer, model, name_or_path)
     notes = _head_notes(model, info, name_or_path, trained_head, num_labels)
     _ensure_pad_token(tokenizer, model)
     if task == SEQUENCE_CLASSIFICATION:
