@@ -159,3 +159,15 @@ def test_data_record_names_config_and_splits(monkeypatch):
     assert record["splits"]["validation"] == "validation"
     assert "has no labelled records" in record["splits"]["test"]
     json.dumps(record)
+
+
+def test_in_memory_dict_of_splits_takes_the_split_settings():
+    splits = {"train": pd.DataFrame(_reviews(150)),
+              "holdout": pd.DataFrame(_reviews(20, offset=700)),
+              "extra": pd.DataFrame(_reviews(40, offset=900))}
+    data = load_text_classification(splits, text_column="sentence", train_split="train",
+                                    test_split="holdout")
+    assert len(data.test) == 20 and data.splits["test"] == "holdout"
+    # "extra" is neither trained on nor evaluated: only the named training split is pooled
+    assert not data.train["text"].str.contains("review number 9[0-9][0-9] ").any()
+    assert len(data.train) + len(data.validation) == 150
