@@ -87,7 +87,8 @@ def test_natural_partition_run_with_a_five_label_checkpoint(tmp_path, caplog,
     out = str(tmp_path / "run")
     # RDP calibrates in seconds; PLD/PRV at these small Nᵢ take minutes on a loaded CPU.
     argv = ["run", "--epsilon", "3", "--accountant", "rdp", "--dataset", csv,
-            "--text-column", "note", "--label-column", "outcome", "--partition", "column:site", "--clients", "3",
+            "--text-column", "note", "--label-column", "outcome", "--partition", "column:site",
+            "--clients", "3",
             "--model", checkpoint, "--rounds", "1", "--local-steps", "2", "--batch-size", "8",
             "--max-length", "32", "--max-eval-records", "16", "--rank", "4", "--seed", "0",
             "--no-progress",
