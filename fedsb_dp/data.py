@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fedsb_dp.errors import DataError
+from fedsb_dp.errors import DataError, DataSettingError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class TextClassificationData:
         dropped: Counts of rows removed (missing text, duplicates, conflicting labels…).
         digest: SHA-256 of the rows read (:func:`table_digest`), before cleaning. A hash of
             private records: keep it with the operator, never publish it.
+        splits: Where each of ``train``, ``validation`` and ``test`` came from: the
+            source's split name(s), or the keyed hash of the training pool.
 
     """
 
@@ -73,6 +75,7 @@ class TextClassificationData:
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
     digest: str | None = None
+    splits: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -145,7 +148,63 @@ def _in_memory_splits(data: Any) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def _read_source(source: Any) -> dict[str, pd.DataFrame]:
+def _read_local_file(source: str, extension: str) -> pd.DataFrame:
+    """A local file read by its extension's reader; unreadable content is a DataError."""
+    if not os.path.isfile(source):
+        raise DataSettingError("dataset", source, "does not exist")
+    try:
+        return _LOCAL_READERS[extension](source)
+    except (OSError, ValueError) as exc:
+        # A malformed or binary file: pandas' ParserError, UnicodeDecodeError and pyarrow's
+        # ArrowInvalid are all ValueErrors; a file we may not read is an OSError.
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DataSettingError("dataset", source, f"cannot be read as "
+                               f"{extension[1:].upper()} ({type(exc).__name__}: {first})"
+                               ) from None
+
+
+def _read_directory(source: str, dataset_config: str | None) -> dict[str, pd.DataFrame]:
+    """A directory written by ``save_to_disk``, or one of data files (``datasets`` builders)."""
+    import datasets
+
+    saved = any(os.path.isfile(os.path.join(source, name))
+                for name in ("dataset_dict.json", "state.json"))
+    try:
+        if saved:
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source, name=dataset_config)
+    except Exception as exc:  # datasets raises many types for a directory it cannot read
+        raise DataSettingError("dataset", source, f"is a directory that cannot be read "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                               "give one written by datasets' save_to_disk, or one of "
+                               "CSV/JSON/Parquet files") from None
+    return _in_memory_splits(loaded)
+
+
+def _read_hub(source: str, dataset_config: str | None) -> dict[str, pd.DataFrame]:
+    """A hub dataset (or one in the ``datasets`` cache) with its configuration."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(source, name=dataset_config)
+    except Exception as exc:  # the hub client raises many unrelated types
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        if datasets.config.HF_HUB_OFFLINE:
+            raise DataSettingError(
+                "dataset", source, "is not a local file or directory, and HF_HUB_OFFLINE=1 "
+                f"forbids fetching it from the hub (it is not in the datasets cache: {first}); "
+                "unset HF_HUB_OFFLINE, or give a local CSV/JSON/Parquet file or a directory "
+                "saved with datasets' save_to_disk") from None
+        config = f" with dataset_config={dataset_config!r}" if dataset_config else ""
+        raise DataSettingError(
+            "dataset", source, f"cannot be loaded{config} from the hub ({type(exc).__name__}: "
+            f"{first}); use {DEFAULT_DATASET!r} (offline) or a local CSV/JSON/Parquet file"
+        ) from None
+    return _in_memory_splits(loaded)
+
+
+def _read_source(source: Any, dataset_config: str | None = None) -> dict[str, pd.DataFrame]:
     """Read a dataset into named splits (a single ``"all"`` split when it has none)."""
     if not isinstance(source, str):
         return _in_memory_splits(source)
@@ -155,25 +214,57 @@ def _read_source(source: Any) -> dict[str, pd.DataFrame]:
     if source == DEFAULT_DATASET:
         return {"all": load_rotten_tomatoes()}
     extension = os.path.splitext(source)[1].lower()
-    if extension in _LOCAL_READERS:
-        if not os.path.isfile(source):
-            raise DataError(f"dataset file {source!r} does not exist")
-        return {"all": _LOCAL_READERS[extension](source)}
+    if extension in _LOCAL_READERS and not os.path.isdir(source):
+        return {"all": _read_local_file(source, extension)}
+    if os.path.isdir(source):
+        return _read_directory(source, dataset_config)
     if os.path.exists(source):
         raise DataError(
             f"dataset {source!r} has extension {extension!r}; supported local files: "
-            f"{sorted(_LOCAL_READERS)}"
+            f"{sorted(_LOCAL_READERS)}, or a directory"
         )
-    import datasets
+    return _read_hub(source, dataset_config)
 
-    try:
-        loaded = datasets.load_dataset(source)
-    except Exception as exc:  # the hub client raises many unrelated types
-        raise DataError(
-            f"cannot load dataset {source!r} from the hub ({type(exc).__name__}: {exc}); use "
-            f"{DEFAULT_DATASET!r} (offline) or a local CSV/JSON/Parquet file"
-        ) from exc
-    return {name: split.to_pandas() for name, split in loaded.items()}
+
+#: The split roles a run uses and the flag that names each.
+SPLIT_SETTINGS = {"train": "train_split", "validation": "validation_split",
+                  "test": "test_split"}
+
+
+def _select_splits(raw: Mapping[str, pd.DataFrame], requested: Mapping[str, str | None],
+                   source: str) -> tuple[dict[str, list[str]], dict[str, bool]]:
+    """Which of the source's splits play each role, and whether the user named them.
+
+    Returns:
+        Role (``train``/``validation``/``test``) → split names (empty: hashed from train),
+        and role → whether its split was asked for by name.
+
+    Raises:
+        DataError: A named split that the source lacks, or one split named for two roles.
+    """
+    asked = {role: name for role, name in requested.items() if name is not None}
+    if set(raw) == {"all"} and asked:
+        role, name = next(iter(asked.items()))
+        raise DataSettingError(SPLIT_SETTINGS[role], name, f"names a split, but dataset "
+                               f"{source!r} is a single table; drop the split setting(s) "
+                               "(its validation and test records are hashed from it)")
+    for role, name in asked.items():
+        if name not in raw:
+            raise DataSettingError(SPLIT_SETTINGS[role], name, f"is not a split of "
+                                   f"{source!r}; its splits: {sorted(raw)}")
+    if len(set(asked.values())) < len(asked):
+        raise DataError(f"the same split is named for two roles ({asked}); train, validation "
+                        "and test must be different splits")
+    roles: dict[str, list[str]] = {}
+    for role in ("validation", "test"):
+        name = asked.get(role, role if role in raw and role not in asked.values() else None)
+        roles[role] = [name] if name is not None else []
+    if "train" in asked:
+        roles["train"] = [asked["train"]]
+    else:
+        used = {name for names in roles.values() for name in names}
+        roles["train"] = [name for name in raw if name not in used]
+    return roles, {role: role in asked for role in SPLIT_SETTINGS}
 
 
 def _normalise(text: pd.Series) -> pd.Series:
@@ -204,7 +295,8 @@ def table_digest(frames: Mapping[str, pd.DataFrame]) -> str:
 
     Row order counts, because the seeded client partition follows it; label types count
     (``1`` and ``"1"`` sort differently into label ids). Columns other than ``text``,
-    ``text_pair`` and ``label`` are not part of the standardised frames, so they do not count.
+    ``text_pair``, ``label`` and (for a ``column:NAME`` partition) ``group`` are not part of
+    the standardised frames, so they do not count.
 
     Args:
         frames: Split name → frame from :func:`_standardise`.
@@ -221,35 +313,64 @@ def table_digest(frames: Mapping[str, pd.DataFrame]) -> str:
     return hasher.hexdigest()
 
 
+def _check_labels(labels: pd.Series, label_column: str) -> None:
+    """Refuse label values a classifier cannot use as classes (lists, fractional numbers)."""
+    present = labels.dropna()
+    nested = present.map(lambda v: isinstance(v, list | dict | tuple | set) or hasattr(v, "shape"))
+    if nested.any():
+        example = present[nested].iloc[0]
+        raise DataSettingError("label_column", label_column, f"holds "
+                               f"{type(example).__name__} values (e.g. {str(example)[:60]}); a "
+                               "classifier needs one class per record (a string or an integer)")
+    if pd.api.types.is_float_dtype(present) and len(present):
+        fractional = present[present != present.round()]
+        fractional = fractional[fractional != -1]
+        if len(fractional):
+            example = float(fractional.iloc[0])
+            raise DataSettingError("label_column", label_column, f"holds fractional numbers "
+                                   f"(e.g. {example!r}); a classifier needs class labels, "
+                                   "not a continuous score")
+
+
 def _standardise(
     frame: pd.DataFrame,
     *,
     text_column: str,
     text_pair_column: str | None,
     label_column: str | None,
+    group_column: str | None = None,
 ) -> pd.DataFrame:
-    settings = {text_column: "text_column"}
+    settings = {"text_column": text_column}
     if label_column is not None:
-        settings[label_column] = "label_column"
+        settings["label_column"] = label_column
     if text_pair_column:
-        settings[text_pair_column] = "text_pair_column"
-    missing = [c for c in settings if c not in frame.columns]
-    if missing:
-        named = ", ".join(f"{settings[c]}={c!r}" for c in missing)
-        raise DataError(f"column(s) {missing} not in the dataset ({named}); available: "
-                        f"{list(frame.columns)}")
+        settings["text_pair_column"] = text_pair_column
+    for name, column in settings.items():
+        if column not in frame.columns:
+            raise DataSettingError(name, column, f"is not a column of the dataset; its "
+                                   f"columns: {list(frame.columns)}")
+    if group_column is not None and group_column not in frame.columns:
+        raise DataSettingError("partition", f"column:{group_column}", f"names column "
+                               f"{group_column!r}, which the dataset lacks; its columns: "
+                               f"{list(frame.columns)}")
     # Unlabelled records (language modelling) share one label, so the same cleaning, splits
     # and partitions apply to them.
+    if label_column is not None:
+        _check_labels(frame[label_column], label_column)
     labels = frame[label_column] if label_column is not None else NO_LABEL
     out = pd.DataFrame({"text": frame[text_column], "label": labels}, index=frame.index)
     if text_pair_column:
         out["text_pair"] = frame[text_pair_column]
+    if group_column is not None:
+        out["group"] = frame[group_column]
     return out
 
 
 def _deduplicate(frame: pd.DataFrame, dropped: dict[str, int]) -> pd.DataFrame:
     """Drop rows without text, repeated texts, and texts seen with conflicting labels."""
     text_columns = ["text", "text_pair"] if "text_pair" in frame.columns else ["text"]
+    if "group" in frame.columns:  # a record without its client cannot be placed
+        text_columns.append("group")
     has_text = frame[text_columns].notna().all(axis=1) & frame["label"].notna()
     dropped["missing"] = dropped.get("missing", 0) + int((~has_text).sum())
     frame = frame[has_text].copy()
@@ -273,6 +394,30 @@ def _label_names(train_labels: pd.Series, source: str) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
+def _drop_unlabelled_roles(frames: dict[str, pd.DataFrame], roles: dict[str, list[str]],
+                           named: Mapping[str, bool], notes: dict[str, str]) -> None:
+    """A validation/test split with no labelled row (GLUE's test) gives way to the hash.
+
+    Raises:
+        DataError: If the user named that split.
+    """
+    for role in ("validation", "test"):
+        for name in list(roles[role]):
+            labels = frames[name]["label"]
+            if len(labels) and not (labels.isin([-1]) | labels.isna()).all():
+                continue
+            if named[role]:
+                raise DataSettingError(
+                    SPLIT_SETTINGS[role], name, "has no labelled records (hub test splits "
+                    "often hide their labels as -1); leave it unset to hash the "
+                    f"{role} records from the training split")
+            roles[role].remove(name)
+            notes[role] = (f"hashed from the training pool: split {name!r} has no labelled "
+                           "records")
+            logger.warning("split %r has no labelled records; the %s split is hashed from "
+                           "the training records instead", name, role)
+
+
 def load_text_classification(
     source: Any = DEFAULT_DATASET,
     *,
@@ -283,32 +428,48 @@ def load_text_classification(
     test_fraction: float = 0.1,
     split_seed: int = 0,
     max_train_records: int | None = None,
+    dataset_config: str | None = None,
+    train_split: str | None = None,
+    validation_split: str | None = None,
+    test_split: str | None = None,
+    group_column: str | None = None,
 ) -> TextClassificationData:
     """Load, clean and split a text-classification dataset.
 
     Args:
         source: ``"rotten-tomatoes"`` (offline default), a local ``.csv``/``.tsv``/``.json``/
-            ``.jsonl``/``.parquet`` file, a hub dataset name (``datasets.load_dataset``), or
-            in-memory data: a pandas DataFrame, a ``datasets.Dataset`` (split by the keyed
-            hash like a file), a ``DatasetDict`` or dict of split name → either (its
-            ``validation``/``test`` splits are kept, every other split is pooled for training).
+            ``.jsonl``/``.parquet`` file, a directory (written by ``datasets``'
+            ``save_to_disk``, or holding data files), a hub dataset name
+            (``datasets.load_dataset``), or in-memory data: a pandas DataFrame, a
+            ``datasets.Dataset`` (split by the keyed hash like a file), a ``DatasetDict`` or
+            dict of split name → either.
         text_column: Column with the text.
         text_pair_column: Column with the second text of a pair (NLI), if any.
         label_column: Column with the label; ``None`` reads unlabelled records (language
             modelling), which all get the label :data:`NO_LABEL`.
         validation_fraction: Share of de-duplicated records for validation when the source has
-            no validation split.
-        test_fraction: Share for test when the source has no test split.
+            no (labelled) validation split.
+        test_fraction: Share for test when the source has no (labelled) test split.
         split_seed: Key of the hash that assigns records to splits.
         max_train_records: Keep only this many training records (the ones with the smallest
             hash, so the choice is deterministic); ``None`` keeps all.
+        dataset_config: Configuration of a hub dataset (``"sst2"`` of ``nyu-mll/glue``).
+        train_split: The source's split to train on; default: every split not used for
+            validation or test, pooled.
+        validation_split: The split to validate on; default ``"validation"`` when present
+            and labelled, else hashed from the training pool.
+        test_split: The split to test on; default ``"test"`` when present and labelled
+            (GLUE's test labels are hidden as -1), else hashed from the training pool.
+        group_column: Column naming each record's client (``--partition column:NAME``),
+            kept as the ``group`` column.
 
     Returns:
         The splits with integer labels.
 
     Raises:
-        DataError: For unknown sources or columns, bad fractions, label values in validation or
-            test that the training split lacks, a single class, or splits left empty.
+        DataError: For unknown sources, splits or columns, unreadable files, bad fractions,
+            label values in validation or test that the training split lacks, labels that
+            are not classes, a single class, or splits left empty.
 
     """
     for name, value in (("validation_fraction", validation_fraction),
@@ -326,18 +487,24 @@ def load_text_classification(
         ("text", "label") if isinstance(source, str) and source == DEFAULT_DATASET
         else (text_column, label_column)
     )
-    raw = _read_source(source)
+    raw = _read_source(source, dataset_config)
     if not isinstance(source, str):
         source = IN_MEMORY_DATASET
+    roles, named_roles = _select_splits(
+        raw, {"train": train_split, "validation": validation_split, "test": test_split},
+        source)
+    used = [name for names in roles.values() for name in names]
     dropped: dict[str, int] = {}
     frames = {
         name: _standardise(
-            frame, text_column=text_column, text_pair_column=text_pair_column,
-            label_column=label_column,
+            raw[name], text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column, group_column=group_column,
         )
-        for name, frame in raw.items()
+        for name in raw if name in used
     }
     digest = table_digest(frames)
+    notes: dict[str, str] = {}
+    _drop_unlabelled_roles(frames, roles, named_roles, notes)
     # Hub ClassLabel columns mark unlabelled rows with -1 (e.g. SNLI without gold label).
     for name, frame in frames.items():
         unlabelled = frame["label"].isin([-1])
@@ -345,13 +512,9 @@ def load_text_classification(
             dropped["unlabelled"] = dropped.get("unlabelled", 0) + int(unlabelled.sum())
             frames[name] = frame[~unlabelled]
 
-    named = {}
-    pool_parts = []
-    for name, frame in frames.items():
-        if name in ("validation", "test"):
-            named[name] = frame
-        else:
-            pool_parts.append(frame)
+    named = {role: frames[names[0]] for role, names in roles.items()
+             if role != "train" and names}
+    pool_parts = [frames[name] for name in roles["train"]]
     pool = pd.concat(pool_parts, ignore_index=True) if pool_parts else pd.DataFrame()
     everything = pd.concat([pool, *named.values()], keys=["pool", *named], names=["split", None])
     everything = _deduplicate(everything.reset_index(level=0), dropped)
@@ -381,16 +544,20 @@ def load_text_classification(
 
     def take(name: str) -> pd.DataFrame:
         part = everything[everything["_split"] == name]
-        columns = ["text", "text_pair", "label"] if "text_pair" in part else ["text", "label"]
+        columns = [c for c in ("text", "text_pair", "label", "group") if c in part]
         return part[columns].reset_index(drop=True)
 
     train = take("train")
     if max_train_records is not None and len(train) > max_train_records:
         order = everything.loc[everything["_split"] == "train", "_unit"].to_numpy().argsort()
         train = train.iloc[sorted(order[:max_train_records])].reset_index(drop=True)
+    splits = {"train": ", ".join(roles["train"]) if set(raw) != {"all"} else "hashed"}
+    for role in ("validation", "test"):
+        splits[role] = roles[role][0] if roles[role] else notes.get(
+            role, "hashed from the training pool")
     data = TextClassificationData(
         train=train, validation=take("validation"), test=take("test"),
-        label_names=label_names, source=source, dropped=dropped, digest=digest,
+        label_names=label_names, source=source, dropped=dropped, digest=digest, splits=splits,
     )
     for name in ("train", "validation", "test"):
         if len(getattr(data, name)) == 0:
@@ -400,8 +567,8 @@ def load_text_classification(
         raise DataError(f"label column {label_column!r} has {len(label_names)} class(es) "
                         f"{list(label_names)} in the training split; a classifier needs ≥ 2")
     logger.info(
-        "loaded %s: train %d, validation %d, test %d, dropped %s",
-        source, len(train), len(data.validation), len(data.test), dropped,
+        "loaded %s: train %d, validation %d, test %d, dropped %s, splits %s",
+        source, len(train), len(data.validation), len(data.test), dropped, splits,
     )
     return data
 

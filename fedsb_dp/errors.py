@@ -50,6 +50,14 @@ class DataError(ConfigError):
     """A dataset, column or label value cannot be used as asked."""
 
 
+class DataSettingError(DataError, SettingError):
+    """The data or model one setting points at cannot be used; the CLI names the flag.
+
+    ``DataSettingError("label_column", "stars", "is not a column …")`` reads
+    ``--label-column stars is not a column …`` on the command line.
+    """
+
+
 class AdapterMismatchError(FedSBError, RuntimeError):
     """Frozen adapter factors differ from the ones the federation agreed on."""
 

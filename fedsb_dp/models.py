@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedsb_dp.errors import ConfigError
+from fedsb_dp.errors import ConfigError, DataSettingError
 from fedsb_dp.gguf_models import (
     GEMMA_3_270M,
     SplitGGUFModel,
@@ -218,6 +218,8 @@ class LoadedModel:
         resolved_path: Where the weights were read from.
         task: ``"sequence-classification"`` or ``"causal-lm"``.
         num_labels: Number of classes for classification, else ``None``.
+        notes: What loading changed in the checkpoint (a replaced classification head), for
+            the run's output and provenance.
 
     """
 
@@ -227,6 +229,7 @@ class LoadedModel:
     resolved_path: str
     task: str
     num_labels: int | None
+    notes: tuple[str, ...] = ()
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -344,11 +347,34 @@ def reset_head(model: nn.Module, *, seed: int) -> None:
 
 
 def _load_error(name_or_path: str, path: str, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"cannot load model {name_or_path!r} (resolved to {path!r}): {exc}. Give a hub id "
-        "(needs the network), a local model directory, or an offline alias ('minilm', "
-        "'mpnet', 'gemma-270m')"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    where = f" (resolved to {path!r})" if path != name_or_path else ""
+    return DataSettingError(
+        "model", name_or_path,
+        f"cannot load model{where}: {first}. Give a hub id (needs the network), a local "
+        "model directory with its config, weights and tokenizer files, or an offline alias "
+        "('minilm', 'mpnet', 'gemma-270m')"
     )
+
+
+def _check_tokenizer(tokenizer: Any, model: Any, name_or_path: str) -> None:
+    """Refuse a tokenizer that cannot cover the model's vocabulary.
+
+    ``transformers`` builds an empty tokenizer (a handful of special tokens) from a model
+    directory saved without its tokenizer files, instead of failing; training through it
+    would map every word to [UNK].
+
+    Raises:
+        DataSettingError: If the tokenizer knows fewer than half the model's token ids.
+    """
+    vocabulary = getattr(model.config, "vocab_size", None) or getattr(
+        model.config.get_text_config(), "vocab_size", None)
+    if vocabulary and len(tokenizer) < vocabulary // 2:
+        raise DataSettingError(
+            "model", name_or_path,
+            f"has a tokenizer of {len(tokenizer)} tokens for a vocabulary of {vocabulary}: "
+            "its tokenizer files (tokenizer.json, vocab.txt, …) are missing; save them with "
+            "the model (tokenizer.save_pretrained(DIR))")
 
 
 def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
@@ -385,6 +411,7 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
+    _check_tokenizer(tokenizer, model, name_or_path)
     _ensure_pad_token(tokenizer, model)
     # from_pretrained returns eval mode, in which Opacus captures no activations.
     model.train()
@@ -438,11 +465,16 @@ def load_model(
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype
+        trained_head = _checkpoint_head_labels(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, output_loading_info=True,
+            # A trained head of another size is replaced below; nothing else may mismatch.
+            ignore_mismatched_sizes=trained_head is not None and trained_head != num_labels,
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, path, exc) from exc
+    _check_tokenizer(tokenizer, model, name_or_path)
+    notes = _head_notes(model, info, name_or_path, trained_head, num_labels)
     _ensure_pad_token(tokenizer, model)
     if task == SEQUENCE_CLASSIFICATION:
         if pooling == "auto":
@@ -460,4 +492,46 @@ def load_model(
         resolved_path=path,
         task=task,
         num_labels=num_labels if task == SEQUENCE_CLASSIFICATION else None,
+        notes=notes,
     )
+
+
+def _checkpoint_head_labels(path: str) -> int | None:
+    """Labels of the classification head a checkpoint was saved with (``None``: no head).
+
+    Raises:
+        OSError, ValueError: If the checkpoint's config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if any(name.endswith("ForSequenceClassification")
+           for name in getattr(config, "architectures", None) or ()):
+        return int(config.num_labels)
+    return None
+
+
+def _head_notes(model: nn.Module, info: dict[str, Any], name_or_path: str,
+                trained_head: int | None, num_labels: int) -> tuple[str, ...]:
+    """Say what happened to a checkpoint's trained head; refuse other mismatched weights.
+
+    Raises:
+        ConfigError: If a weight outside the head did not fit the architecture.
+    """
+    head = find_head(model)
+    prefix = f"{head[0]}." if head is not None else None
+    outside = [key for key, *_ in info.get("mismatched_keys", ())
+               if prefix is None or not key.startswith(prefix)]
+    if outside:
+        raise ConfigError(f"model {name_or_path!r}: weights {outside[:3]} do not fit the "
+                          "architecture its config declares; the checkpoint is inconsistent")
+    if trained_head is None:
+        return ()
+    if trained_head != num_labels:
+        note = (f"the checkpoint's {trained_head}-label classification head was replaced by "
+                f"a fresh {num_labels}-label head (this dataset has {num_labels} labels)")
+    else:
+        note = (f"the checkpoint's trained {num_labels}-label classification head was "
+                "replaced by a fresh one drawn from the run's seed, like every head")
+    logger.warning("model %r: %s", name_or_path, note)
+    return (note,)

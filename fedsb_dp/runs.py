@@ -216,8 +216,10 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, /, *, data: Any = N
         data: In-memory data instead of ``dataset``: a pandas DataFrame or
             ``datasets.Dataset`` (split into train/validation/test by the same keyed hash as
             a file with those rows), or a ``DatasetDict`` / dict of split → table (its
-            ``validation`` and ``test`` splits are kept). Columns are ``text_column``,
-            ``label_column`` (and ``text_pair_column``). In-process only.
+            ``validation`` and ``test`` splits are kept, or the ones ``train_split``,
+            ``validation_split`` and ``test_split`` name). Columns are ``text_column``,
+            ``label_column`` (and ``text_pair_column``); ``partition="column:NAME"`` makes
+            one client per value of column NAME. In-process only.
         engine: ``"inprocess"`` or ``"flower-sim"`` (the Flower app on Flower's simulation
             engine; needs the ``flower`` extra).
         progress: Show progress bars.

@@ -74,7 +74,8 @@ def test_bad_inputs(tmp_path):
         load_text_classification(str(tmp_path / "missing.csv"))
     frame = pd.DataFrame({"text": ["a", "b"], "label": [0, 1]})
     frame.to_csv(tmp_path / "d.csv", index=False)
-    with pytest.raises(DataError, match=r"column\(s\) \['sentence'\]"):
+    with pytest.raises(DataError, match=r"text_column='sentence' is not a column of the "
+                       r"dataset; its columns: \['text', 'label'\]"):
         load_text_classification(str(tmp_path / "d.csv"), text_column="sentence")
     with pytest.raises(DataError, match="validation_fraction=1.5"):
         load_text_classification(validation_fraction=1.5)
@@ -156,7 +157,7 @@ def test_digest_follows_rows_order_and_label_type():
 
 @pytest.mark.parametrize(("data", "message"), [
     (pd.DataFrame({"text": ["a b", "c d"] * 20, "y": [0, 1] * 20}),
-     r"\['label'\] not in the dataset \(label_column='label'\)"),
+     r"label_column='label' is not a column of the dataset"),
     (pd.DataFrame({"text": [f"text {i}" for i in range(50)], "label": ["pos"] * 50}),
      r"label column 'label' has 1 class\(es\) \['pos'\]"),
     (pd.DataFrame({"text": [], "label": []}), r"in-memory dataset has no rows"),

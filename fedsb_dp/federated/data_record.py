@@ -20,17 +20,21 @@ from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated import run_dir as rd
 
 
-def data_record(data: TextClassificationData) -> dict[str, Any]:
+def data_record(data: TextClassificationData,
+                dataset_config: str | None = None) -> dict[str, Any]:
     """The ``data.json`` content of a run on ``data``.
 
     Args:
         data: The loaded dataset (its :attr:`~TextClassificationData.digest` is required).
+        dataset_config: The hub dataset's configuration, if any.
 
     Returns:
-        Source, digest, label names and a note that the file stays with the operator.
+        Source, configuration, where each split came from, digest, label names and a note
+        that the file stays with the operator.
     """
     return {
         "source": data.source, "in_memory": data.source == IN_MEMORY_DATASET,
+        "dataset_config": dataset_config, "splits": dict(data.splits),
         "digest": data.digest, "label_names": list(data.label_names),
         "privacy": "operator-only: a hash of the private records; never publish",
     }

@@ -86,7 +86,8 @@ def _prepare(config: RunConfig, data: TextClassificationData, *, partition_seed:
     prepared = Prepared(model=loaded.model, tokenizer=loaded.tokenizer,
                         resolved_path=loaded.resolved_path,
                         sizes={cid: c.num_records for cid, c in clients.items()},
-                        evaluator=Evaluator.build(config, data, loaded.tokenizer))
+                        evaluator=Evaluator.build(config, data, loaded.tokenizer),
+                        model_notes=loaded.notes)
     return prepared, clients, partition, public_init
 
 
@@ -141,7 +142,8 @@ def _start(config: RunConfig, *, check_export: bool, in_memory: Any = None,
     init_seed = streams.integer("init-factors")
     protocol = RoundProtocol.create(
         config, prepared, engine=ENGINE, partition_seed=partition_seed, init_seed=init_seed,
-        partition=partition, data_record=data_record(data), public_init=public_init,
+        partition=partition, data_record=data_record(data, config.dataset_config),
+        public_init=public_init,
         initialise=_initialiser(config, clients, streams, init_seed, public_init))
     return protocol, clients
 

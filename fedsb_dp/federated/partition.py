@@ -8,7 +8,13 @@ bookkeeping (a row-index column) and the checks are ours.
 
 Spec strings (``--partition``): ``iid``, ``dirichlet:<alpha>`` (label proportions per client
 ~ Dirichlet(α); small α = strong skew), ``quantity:<beta>`` (client sizes ~ Dirichlet(β),
-labels IID).
+labels IID), ``column:<NAME>`` (a natural partition: one client per distinct value of column
+NAME, as real federated data arrive — one user, one hospital).
+
+A natural partition's clients are named by index (``client-0``…, in the sorted order of the
+values), never by value: client ids appear in the released ledger, and a value (a user id, a
+hospital) may itself be sensitive. The value → client mapping stays with the operator
+(``partition.json``).
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedsb_dp.errors import ConfigError
 
-PARTITION_KINDS = ("iid", "dirichlet", "quantity")
+PARTITION_KINDS = ("iid", "dirichlet", "quantity", "column")
+#: Most clients a natural partition may create (the in-process driver holds them all).
+MAX_NATURAL_CLIENTS = 1000
 _ROW = "__fedsb_row__"
 
 
@@ -31,12 +40,14 @@ class PartitionSpec:
     """A parsed ``--partition`` value.
 
     Attributes:
-        kind: ``"iid"``, ``"dirichlet"`` or ``"quantity"``.
-        concentration: α (Dirichlet) or β (quantity); ``None`` for IID.
+        kind: ``"iid"``, ``"dirichlet"``, ``"quantity"`` or ``"column"``.
+        concentration: α (Dirichlet) or β (quantity); ``None`` for IID and column.
+        column: The column whose values are the clients (``column`` only).
     """
 
     kind: str
     concentration: float | None = None
+    column: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> PartitionSpec:
@@ -50,7 +61,13 @@ class PartitionSpec:
         kind, _, value = spec.strip().partition(":")
         if kind not in PARTITION_KINDS:
             raise ConfigError(f"partition={spec!r}: kind {kind!r} is not one of "
-                              f"{PARTITION_KINDS} (e.g. 'iid', 'dirichlet:0.3', 'quantity:0.5')")
+                              f"{PARTITION_KINDS} (e.g. 'iid', 'dirichlet:0.3', 'quantity:0.5', "
+                              "'column:site')")
+        if kind == "column":
+            if not value.strip():
+                raise ConfigError(f"partition={spec!r}: column needs a column name, e.g. "
+                                  "'column:site'")
+            return cls("column", column=value.strip())
         if kind == "iid":
             if value:
                 raise ConfigError(f"partition={spec!r}: 'iid' takes no parameter")
@@ -67,7 +84,44 @@ class PartitionSpec:
         return cls(kind, concentration)
 
     def __str__(self) -> str:
+        if self.kind == "column":
+            return f"column:{self.column}"
         return self.kind if self.concentration is None else f"{self.kind}:{self.concentration:g}"
+
+
+def natural_partition(groups: pd.Series, *, min_records: int,
+                      ) -> tuple[list[np.ndarray], list[Any]]:
+    """One client per distinct value of ``groups``, in the sorted order of the values.
+
+    Args:
+        groups: Each training record's value of the partition column.
+        min_records: Fewest records a client may hold (its expected batch, or what its
+            initialisation samples).
+
+    Returns:
+        One sorted index array per client and the value each client holds.
+
+    Raises:
+        ConfigError: Too many distinct values, or a value with fewer than ``min_records``
+            records (named with its count).
+    """
+    counts = groups.value_counts(sort=False)
+    values = sorted(counts.index.tolist(), key=lambda v: (str(type(v)), v))
+    if len(values) > MAX_NATURAL_CLIENTS:
+        raise ConfigError(f"the partition column has {len(values)} distinct values, more than "
+                          f"{MAX_NATURAL_CLIENTS} clients; is it a record id rather than a "
+                          "user or site column?")
+    small = [(v, int(counts[v])) for v in values if counts[v] < min_records]
+    if small:
+        shown = ", ".join(f"{v!r} ({n})" for v, n in small[:5])
+        more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+        raise ConfigError(f"value(s) {shown}{more} of the partition column hold fewer than "
+                          f"{min_records} training records, the least one client needs (its "
+                          "expected batch --batch-size, or --init-examples); merge or drop "
+                          "them, or lower --batch-size")
+    positions = {v: i for i, v in enumerate(values)}
+    index = groups.map(positions).to_numpy()
+    return [np.flatnonzero(index == i) for i in range(len(values))], values
 
 
 def iid_partition(num_records: int, *, num_clients: int, seed: int) -> list[np.ndarray]:

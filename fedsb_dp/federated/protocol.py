@@ -188,6 +188,7 @@ class Prepared:
         resolved_path: Where the model was loaded from (for exports).
         sizes: Client id → Nᵢ (public), in stream-index order.
         evaluator: The evaluator's validation and test splits.
+        model_notes: What loading changed in the checkpoint (recorded in provenance).
     """
 
     model: torch.nn.Module
@@ -195,6 +196,7 @@ class Prepared:
     resolved_path: str
     sizes: dict[str, int]
     evaluator: Evaluator
+    model_notes: tuple[str, ...] = ()
 
 
 def _init_description(config: RunConfig, method: FederatedMethod) -> str:
@@ -297,7 +299,8 @@ class RoundProtocol:
         rd.write_json_atomic(os.path.join(out, rd.CONFIG), {
             "config": config.to_dict(), "digest": config.digest(), "engine": engine})
         rd.write_json_atomic(os.path.join(out, rd.PROVENANCE), {
-            **rd.provenance(config.digest(), seeded=streams.seeded), "engine": engine})
+            **rd.provenance(config.digest(), seeded=streams.seeded), "engine": engine,
+            **({"model_notes": list(prepared.model_notes)} if prepared.model_notes else {})})
         if partition is not None:
             rd.write_json_atomic(os.path.join(out, PARTITION), dict(partition))
         if data_record is not None:

@@ -126,7 +126,17 @@ class RunConfig:
         None, "causal-lm: response column (alone: a single text column, all of it trained)",
         unset="none")
     dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet "
-                           "file, or a hub dataset name")
+                           "file, a directory (datasets.save_to_disk, or data files), or a "
+                           "hub dataset name")
+    dataset_config: str | None = setting(
+        None, "configuration of a hub dataset with several (e.g. sst2 of nyu-mll/glue)",
+        unset="none")
+    train_split: str | None = setting(
+        None, "split to train on", unset="every split not used for validation or test")
+    validation_split: str | None = setting(
+        None, "split to validate on", unset="'validation' if labelled, else hashed from train")
+    test_split: str | None = setting(
+        None, "split to test on", unset="'test' if labelled, else hashed from train")
     text_column: str = setting("text", "text column")
     text_pair_column: str | None = setting(None, "second text column (NLI pairs)",
                                            unset="none")
@@ -137,9 +147,11 @@ class RunConfig:
     max_eval_records: int | None = setting(None, "evaluate on at most this many records",
                                            unit="records", unset="all")
     # federation
-    partition: str = setting("iid", "iid, dirichlet:<alpha> (label skew) or quantity:<beta> "
-                             "(size skew)")
-    clients: int = setting(3, "number of clients", unit="clients")
+    partition: str = setting("iid", "iid, dirichlet:<alpha> (label skew), quantity:<beta> "
+                             "(size skew) or column:<NAME> (one client per value of column "
+                             "NAME)")
+    clients: int = setting(3, "number of clients (column:<NAME>: the number of distinct "
+                           "values)", unit="clients")
     rounds: int = setting(3, "federated rounds", unit="rounds")
     local_steps: int = setting(10, "DP-SGD steps per client per round", unit="steps")
     batch_size: int = setting(
@@ -274,6 +286,10 @@ class RunConfig:
             if getattr(self, name):
                 raise SettingError(name, getattr(self, name),
                                    f"applies to classifiers, not task='{CAUSAL_LM}'")
+        if self.lm_format != "label" and self.partition.startswith("dirichlet"):
+            raise SettingError("partition", self.partition,
+                               "skews labels, and free-form text has none; use iid, "
+                               "quantity:<beta> or column:<NAME>")
         if self.init == "gradient-svd" and self.init_source == "public":
             raise SettingsConflict({"init_source": self.init_source, "task": self.task},
                                    "{init_source} reads a labelled classification dataset; "

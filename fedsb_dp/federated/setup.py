@@ -28,11 +28,13 @@ from fedsb_dp.data import (
     load_text_classification,
 )
 from fedsb_dp.devices import resolve_device, resolve_dtype, train_in_float32
-from fedsb_dp.errors import ConfigError
+from fedsb_dp.errors import ConfigError, SettingError
 from fedsb_dp.federated.client import DPClient
 from fedsb_dp.federated.partition import (
+    PartitionSpec,
     client_frames,
     client_id,
+    natural_partition,
     partition_records,
     partition_report,
 )
@@ -84,9 +86,15 @@ def load_data(config: RunConfig, path: str | None = None, *,
     elif config.lm_format == "text":
         columns = {"text_column": config.response_column, "text_pair_column": None,
                    "label_column": None}
+    spec = PartitionSpec.parse(config.partition)
+    # A node's own file holds one client's records: no splits or groups to pick from.
+    splits = {} if path else {
+        "dataset_config": config.dataset_config, "train_split": config.train_split,
+        "validation_split": config.validation_split, "test_split": config.test_split}
     return load_text_classification(
-        data if data is not None else path or config.dataset, **columns,
+        data if data is not None else path or config.dataset, **columns, **splits,
         max_train_records=None if path else config.max_train_records,
+        group_column=spec.column if spec.kind == "column" and not path else None,
     )
 
 
@@ -179,8 +187,19 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
                      partition_seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Each client's training records (the seeded split) and the partition diagnostics."""
     labels = data.train["label"].to_numpy()
+    spec = PartitionSpec.parse(config.partition)
+    values = None
     if config.method_is_central:
         parts = [np.arange(len(data.train))]
+    elif spec.kind == "column":
+        parts, values = natural_partition(data.train["group"],
+                                          min_records=natural_min_records(config))
+        if len(parts) != config.clients:
+            raise SettingError(
+                "clients", config.clients,
+                f"differs from the {len(parts)} distinct values of column {spec.column!r} "
+                f"(partition='{spec}' makes one client per value); set --clients "
+                f"{len(parts)}")
     else:
         # Non-IID splits must leave every client a full expected batch (q ≤ 1).
         parts = partition_records(
@@ -191,6 +210,11 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
         frames = {CENTRAL: frames[client_id(0)]}
     report = dict(zip(frames, partition_report(labels, parts, data.label_names).values(),
                       strict=True))
+    if values is not None:
+        # Which value each client holds: a user or site identity, so operator-only like the
+        # rest of this file (the released ledger names clients by index only).
+        for cid, value in zip(frames, values, strict=True):
+            report[cid]["value"] = value.item() if hasattr(value, "item") else value
     return frames, {
         "spec": "pooled" if config.method_is_central else config.partition,
         "seed": partition_seed, "clients": report,
@@ -198,6 +222,18 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
         # never sent by a client (a Flower deployment has no such file).
         "privacy": "not a DP release: exact per-client label counts; do not publish with "
                    "the model"}
+
+
+def natural_min_records(config: RunConfig) -> int:
+    """Fewest records a client of a natural partition may hold.
+
+    A full expected batch (q = b/Nᵢ ≤ 1), and for a DP gradient-SVD init the records its
+    Poisson sample expects (q_init = init_examples/Nᵢ ≤ 1).
+    """
+    needs = config.batch_size
+    if config.init == "gradient-svd" and config.init_source == "dp":
+        needs = max(needs, config.init_examples)
+    return needs
 
 
 def make_client(cid: str, frame: pd.DataFrame, config: RunConfig, tokenizer: Any,
