@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from readme_blocks import commands, run_python
 from tiny_decoder import save_tiny_decoder
 
 import fedsb_dp
@@ -98,8 +99,6 @@ def test_peft_and_merged_exports_generate_the_runs_tokens(label_run, tmp_path):
 
 
 def test_generate_cli_and_python_agree_with_peft(label_run, tmp_path, capsys):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from fedsb_dp.use.generate import generate_ids, generate_texts
 
@@ -109,11 +108,21 @@ def test_generate_cli_and_python_agree_with_peft(label_run, tmp_path, capsys):
                  "--template", "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"### {PROMPTS[0]}", texts[0], f"### {PROMPTS[1]}", texts[1]]
-    # The same continuation from PEFT's own model (greedy, stopped at eos like ours).
-    label_run.export(str(tmp_path / "peft"), "peft")
+    # The README's commands and loader, as printed.
+    export, generate = commands("use-decoder", {"runs/lm": label_run.path,
+                                                "my-lm": str(tmp_path / "peft")})
+    assert main(export) == 0
+    capsys.readouterr()
+    assert main(generate) == 0
+    (single,) = label_run.generate("a gripping film", max_new_tokens=5, template=True)
+    assert capsys.readouterr().out == single + "\n"
     own = label_run.load_model()
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(own.resolved_path),
-                                     str(tmp_path / "peft")).eval()
+    loaded = run_python("use-decoder-loader", {"my-lm": str(tmp_path / "peft")})
+    ours = own.model.generate(input_ids=torch.tensor([loaded["ids"]]), max_new_tokens=5,
+                              do_sample=False)
+    assert loaded["out"].equal(ours)
+    # The same continuation from PEFT's own model (greedy, stopped at eos like ours).
+    peft = loaded["model"]
     templated = [f"Review: {p}\nSentiment:" for p in PROMPTS]
     ids = generate_ids(peft, own.tokenizer, templated, max_new_tokens=5)
     assert [own.tokenizer.decode(r, skip_special_tokens=True) for r in ids] == texts
