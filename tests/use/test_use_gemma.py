@@ -48,7 +48,9 @@ def test_gemma_run_exports_a_peft_adapter_that_generates_the_same_tokens(tmp_pat
     batch = own.tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = own.model(**batch).logits
-        torch.testing.assert_close(peft(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+        # PEFT multiplies by the product B·R, we by B then R: float32 rounding differs by
+        # ~2e-4 on a few of 262k-wide logits (measured); the tokens above are identical.
+        torch.testing.assert_close(peft(**batch).logits, expected, atol=1e-3, rtol=1e-4)
         base = peft.get_base_model()
         with peft.disable_adapter():
             assert (base(**batch).logits - expected).abs().max() > 1e-3
