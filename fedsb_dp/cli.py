@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsb_dp.sweep.command import register as register_sweep
 
     register_sweep(subparsers)
+    from fedsb_dp.use.command import register as register_use
+
+    register_use(subparsers)
     for subparser in subparsers.choices.values():
         # Also after the subcommand (`fedsb-dp run ... -v`); SUPPRESS keeps a -v given
         # before the subcommand from being reset by the subparser's default.

@@ -103,37 +103,82 @@ class Run:
 
         return audit_run(self.path, eps_error=eps_error)
 
-    def load_model(self) -> LoadedModel:
+    @property
+    def label_names(self) -> list[str]:
+        """The class names (a classifier or a causal-LM label task), else empty."""
+        if self.config.task == "causal-lm" and self.config.lm_format != "label":
+            return []  # free-form responses; data.json may still list a label column's values
+        names = (self.summary or {}).get("label_names")
+        if names is None:
+            names = self._read(rd.DATA, {}).get("label_names")
+        return list(names or [])
+
+    def load_model(self, device: str | None = None) -> LoadedModel:
         """The base model with this run's trained adapters and head, in eval mode.
 
         A finished run gives its final adapter; an unfinished one its last completed round.
 
+        Args:
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``; default: the run's.
+
         Raises:
-            ConfigError: If the run has not saved its label names (nothing to size the head).
+            ConfigError: If a classification run has not saved its label names (nothing to
+                size the head), or the device is not on this machine.
         """
-        from safetensors.torch import load_file
+        from fedsb_dp.use.loading import adapter_paths, assemble, check_label_names
 
-        from fedsb_dp.federated.setup import load_base_model, make_method, targets_of
+        check_label_names(self.config, self.label_names, self.path)
+        adapter, checkpoint = adapter_paths(
+            self.path, finished=self.summary is not None,
+            rounds_done=self._read(rd.PROGRESS, {}).get("aggregated_rounds", 0))
+        return assemble(self.config, self.label_names, adapter, checkpoint=checkpoint,
+                        device=device)
 
-        label_names = (self.summary or {}).get("label_names") or self._read(
-            rd.DATA, {}).get("label_names")
-        if not label_names:
-            raise ConfigError(f"{self.path!r} records no label names (no {rd.SUMMARY} or "
-                              f"{rd.DATA}); resume it to the end first")
-        loaded = load_base_model(self.config, num_labels=len(label_names))
-        model, method = loaded.model, make_method(self.config)
-        final = os.path.join(self.path, rd.FINAL_ADAPTER)
-        if self.summary is not None and os.path.isdir(final):
-            method.load_adapter(model, final, targets_of(self.config, model))
-        else:
-            method.load_adapter(model, os.path.join(self.path, rd.INIT_ADAPTER),
-                                targets_of(self.config, model))
-            if self._read(rd.PROGRESS, {}).get("aggregated_rounds", 0) > 0:
-                method.restore(model, load_file(os.path.join(self.path, rd.CHECKPOINT)))
-        model.config.id2label = dict(enumerate(label_names))
-        model.config.label2id = {name: i for i, name in enumerate(label_names)}
-        model.eval()
-        return loaded
+    def export(self, out: str, format: str = "peft", *,  # noqa: A002
+               force: bool = False) -> str:
+        """Save the trained model for use outside fedsb-dp (see :mod:`fedsb_dp.use.export`).
+
+        Args:
+            out: The output directory (refused if it exists and is not empty, unless
+                ``force``).
+            format: ``"peft"``, ``"merged"`` or ``"sb"``.
+            force: Replace a non-empty ``out``.
+
+        Returns:
+            ``out``.
+        """
+        from fedsb_dp.use.export import export_run
+
+        return export_run(self, out, format, force=force)
+
+    def predict(self, texts: list[str], *, batch_size: int = 32,
+                device: str | None = None) -> pd.DataFrame:
+        """Classify texts with the trained model: label by name and every class probability.
+
+        See :func:`fedsb_dp.use.predict.predict_texts`.
+        """
+        from fedsb_dp.use.predict import check_predictable, predict_texts
+
+        check_predictable(self, texts, batch_size=batch_size)
+        return predict_texts(self.load_model(device=device), texts, batch_size=batch_size,
+                             max_length=self.config.max_length)
+
+    def generate(self, prompts: str | list[str], *, max_new_tokens: int = 32,
+                 template: bool = False, temperature: float = 0.0, seed: int | None = None,
+                 device: str | None = None) -> list[str]:
+        """Continue prompts with a trained causal LM (greedy unless ``temperature > 0``).
+
+        See :func:`fedsb_dp.use.generate.generate_texts`.
+        """
+        from fedsb_dp.use.generate import check_generation, generate_texts, prompt_texts
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_generation(self, prompts, max_new_tokens=max_new_tokens, template=template,
+                         temperature=temperature)
+        return generate_texts(self.load_model(device=device), prompt_texts(self, prompts,
+                                                                           template),
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed)
 
     def _read(self, name: str, default: Any) -> Any:
         path = os.path.join(self.path, name)
@@ -223,8 +268,10 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, /, *, data: Any = N
         engine: ``"inprocess"`` or ``"flower-sim"`` (the Flower app on Flower's simulation
             engine; needs the ``flower`` extra).
         progress: Show progress bars.
-        export_merged: Also save a merged ``transformers`` model (Fed-SB, in-process only).
-        export_peft: Also save a PEFT LoRA adapter (Fed-SB, in-process only).
+        export_merged: Also save a merged ``transformers`` model in ``merged/`` (as
+            :meth:`Run.export` with ``format="merged"``).
+        export_peft: Also save a PEFT LoRA adapter in ``peft_adapter/`` (refused for
+            FedEx-LoRA and FLoRA, whose updates live in the base weights).
         **settings: :class:`RunConfig` fields.
 
     Returns:
@@ -238,10 +285,15 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, /, *, data: Any = N
     config = _settings(config, settings, data)
     if engine == "flower-sim":
         _refuse_flower_data(data)
-        if export_merged or export_peft:
-            raise ConfigError("engine='flower-sim' does not export merged/PEFT models; use "
-                              "engine='inprocess' for those")
         result = _flower_simulation()(config)
+        if export_merged or export_peft:
+            from fedsb_dp.use.export import export_run
+
+            finished = load_run(result.run_dir)
+            if export_merged:
+                export_run(finished, os.path.join(result.run_dir, "merged"), "merged")
+            if export_peft:
+                export_run(finished, os.path.join(result.run_dir, "peft_adapter"), "peft")
     else:
         from fedsb_dp.federated.inprocess import run_federation
 

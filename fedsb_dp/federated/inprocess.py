@@ -16,7 +16,6 @@ from opacus import GradSampleModule
 
 from fedsb_dp import narration
 from fedsb_dp.adapters import gradient_svd_init
-from fedsb_dp.adapters.export import export_peft_adapter, save_merged
 from fedsb_dp.data import TextClassificationData
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
@@ -42,7 +41,7 @@ from fedsb_dp.federated.setup import (
     partition_frames,
     targets_of,
 )
-from fedsb_dp.models import pooling_of
+from fedsb_dp.methods import method_class
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -124,7 +123,14 @@ def _gradient_factors(config: RunConfig, clients: dict[str, DPClient], streams: 
     ).factors
 
 
-def _start(config: RunConfig, *, check_export: bool, in_memory: Any = None,
+def _check_peft_export(config: RunConfig, export_peft: bool) -> None:
+    """Refuse --export-peft for a method a PEFT adapter cannot express, before any work."""
+    if export_peft and method_class(config.method)[0].folds_base:
+        raise ConfigError(f"--export-peft cannot express method={config.method!r}: its updates "
+                          "are folded into the base weights; use --export-merged")
+
+
+def _start(config: RunConfig, *, in_memory: Any = None,
            ) -> tuple[RoundProtocol, dict[str, DPClient]]:
     out = config.out or rd.default_run_dir()
     config = RunConfig.from_dict({**config.to_dict(), "out": out})
@@ -135,10 +141,6 @@ def _start(config: RunConfig, *, check_export: bool, in_memory: Any = None,
     partition_seed = streams.integer("partition")
     prepared, clients, partition, public_init = _prepare(config, data,
                                                          partition_seed=partition_seed)
-    if check_export and pooling_of(prepared.model) == "mean":
-        raise ConfigError("--export-merged/--export-peft cannot express the mean pooler "
-                          "this model's classifier reads; add --pooling cls, or keep the "
-                          "saved adapter")
     init_seed = streams.integer("init-factors")
     protocol = RoundProtocol.create(
         config, prepared, engine=ENGINE, partition_seed=partition_seed, init_seed=init_seed,
@@ -164,8 +166,10 @@ def run_federation(
         config: The settings (for ``resume``, ``config.out`` names the run to continue and
             the saved settings are used).
         resume: Continue the run in ``config.out`` from its last completed round.
-        export_merged: Also save a merged ``transformers`` model (Fed-SB only).
-        export_peft: Also save a PEFT LoRA adapter (Fed-SB only).
+        export_merged: Also save a merged ``transformers`` model in ``merged/`` (as
+            ``fedsb-dp export --format merged``).
+        export_peft: Also save a PEFT LoRA adapter in ``peft_adapter/`` (as ``fedsb-dp
+            export --format peft``; refused for FedEx-LoRA and FLoRA).
         progress: Show progress bars.
         stop_after_rounds: Stop (as if killed) after this many rounds in this call; for tests.
         data: In-memory data (a pandas DataFrame, ``datasets.Dataset``/``DatasetDict``) for
@@ -178,11 +182,9 @@ def run_federation(
     """
     from tqdm.auto import tqdm
 
-    if (export_merged or export_peft) and config.method not in ("fedsb", "central-sb"):
-        raise ConfigError(f"--export-merged/--export-peft are implemented for Fed-SB runs, not "
-                          f"method={config.method!r}")
     if resume:
         saved, state = RoundProtocol.saved(config.out)
+        _check_peft_export(saved, export_peft)
         narration.say(f"resuming {config.out} after round {state['completed_rounds']}; "
                       f"loading data {saved.dataset} …")
         loaded = load_data(saved, data=data)
@@ -190,8 +192,8 @@ def run_federation(
         prepared, clients, _, _ = _prepare(saved, loaded, partition_seed=state["partition_seed"])
         protocol = RoundProtocol.resume(config.out, prepared)
     else:
-        protocol, clients = _start(config, check_export=export_merged or export_peft,
-                                   in_memory=data)
+        _check_peft_export(config, export_peft)
+        protocol, clients = _start(config, in_memory=data)
     config = protocol.config
     private_model = GradSampleModule(protocol.model, batch_first=True, loss_reduction="mean")
     rounds_this_call = 0
@@ -218,11 +220,15 @@ def run_federation(
     finally:
         private_model._close()
     summary = protocol.finish()
-    if export_merged:
-        save_merged(protocol.model, os.path.join(config.out, "merged"),
-                    protocol.prepared.tokenizer)
-    if export_peft:
-        export_peft_adapter(protocol.model, os.path.join(config.out, "peft_adapter"),
-                            base_model=protocol.prepared.resolved_path)
+    if export_merged or export_peft:
+        # The same code as `fedsb-dp export`, on the run as saved.
+        from fedsb_dp.runs import load_run
+        from fedsb_dp.use.export import export_run
+
+        run = load_run(config.out)
+        if export_merged:
+            export_run(run, os.path.join(config.out, "merged"), "merged")
+        if export_peft:
+            export_run(run, os.path.join(config.out, "peft_adapter"), "peft")
     return RunResult(run_dir=config.out, status=summary["status"], summary=summary,
                      operator=protocol.operator)

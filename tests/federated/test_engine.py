@@ -51,10 +51,31 @@ def _audits_from_ledger_and_provenance(run_dir: str) -> None:
         "recorded plan"]
 
 
+def _peft_export_reloads_with_the_runs_logits(run_dir: str) -> None:
+    """--export-peft of a CLS-pooled classifier: PEFT alone rebuilds the run's model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedsb_dp.runs import load_run
+
+    own = load_run(run_dir).load_model()
+    directory = os.path.join(run_dir, "peft_adapter")
+    record = json.load(open(os.path.join(directory, "export.json")))
+    assert record["pooling"] == "cls" and record["format"] == "peft"
+    base = AutoModelForSequenceClassification.from_pretrained(
+        record["base_model_path"], num_labels=len(record["label_names"]))
+    peft = PeftModel.from_pretrained(base, directory).eval()
+    batch = own.tokenizer(["a gripping film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**batch).logits, own.model(**batch).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_private_run_end_to_end(tmp_path):
-    config = _config(tmp_path, pooling="cls")  # PEFT export needs the [CLS] pooler
+    config = _config(tmp_path, pooling="cls")  # exports as AutoModelForSequenceClassification
     result = run_federation(config, progress=False, export_peft=True)
     assert result.status == "completed"
+    _peft_export_reloads_with_the_runs_logits(result.run_dir)
     s = result.summary
     out = result.run_dir
     for name in ("config.json", "ledger.json", "metrics.jsonl", "provenance.json",
