@@ -8,8 +8,8 @@ import math
 import os
 import sys
 
-from fedsb_dp import __version__, narration
-from fedsb_dp.console import quiet_expected_warnings
+from fedsb_dp import __version__
+from fedsb_dp.console import quiet_expected_warnings, show_narration
 from fedsb_dp.errors import FedSBError, SettingError, SettingsConflict
 from fedsb_dp.run_flags import add_run_flags, describe_error, values_from_args
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_expected_warnings(transformers_reports=not args.verbose)
     # Status and per-round lines go to stderr with the progress bars; stdout keeps results.
-    narration.show(not args.quiet)
+    show_narration(not args.quiet)
     try:
         return int(args.func(args) or 0)
     except (SettingError, SettingsConflict) as exc:

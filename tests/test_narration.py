@@ -7,6 +7,7 @@ import math
 
 from fedsb_dp import narration
 from fedsb_dp.cli import _print_summary
+from fedsb_dp.console import show_narration
 from fedsb_dp.federated.inprocess import RunResult
 from fedsb_dp.federated.release import split_record
 
@@ -37,10 +38,10 @@ def test_client_level_round_line_is_built_from_the_released_record():
 def test_narration_is_silent_unless_shown_and_never_doubled():
     heard = io.StringIO()
     narration.say("before")  # no front end asked: nobody hears it
-    narration.show(stream=heard)
-    narration.show(stream=heard)  # idempotent
+    show_narration(stream=heard)
+    show_narration(stream=heard)  # idempotent
     narration.say("loading model x …")
-    narration.show(False)
+    show_narration(False)
     narration.say("after")
     assert heard.getvalue() == "loading model x …\n"
 

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsb_dp import narration
 from fedsb_dp.adapters import frozen_fingerprint
-from fedsb_dp.console import quiet_expected_warnings
+from fedsb_dp.console import quiet_expected_warnings, show_narration
 from fedsb_dp.errors import AdapterMismatchError, ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.federated.protocol import Prepared, RoundProtocol
@@ -175,7 +175,7 @@ def make_server_app(config: RunConfig | None = None,
             # Started by Flower (``flwr run``): this process is ours to configure, as the CLI
             # configures its own; a caller that passes ``config`` keeps its logging as it is.
             quiet_expected_warnings(transformers_reports=False)
-            narration.show()  # the same status and per-round lines as fedsb-dp run
+            show_narration()  # the same status and per-round lines as fedsb-dp run
             run, opts = from_flower(context.run_config)
         else:
             run, opts = config, options or FlowerOptions()

@@ -17,6 +17,7 @@ import torch
 from accounting import PrivacyLedger, federation_epsilon
 from accounting.audit import audit_run
 from fedsb_dp import narration
+from fedsb_dp.console import show_narration
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.inprocess import run_federation
 from fedsb_dp.federated.run_config import RunConfig
@@ -284,11 +285,11 @@ def test_toml_config_equals_flags(tmp_path):
 def test_client_level_mode_accounting(tmp_path):
     config = _config(tmp_path, dp_level="client", epsilon=20.0, rounds=2, participation=1.0)
     heard = io.StringIO()
-    narration.show(stream=heard)
+    show_narration(stream=heard)
     try:
         result = run_federation(config, progress=False)
     finally:
-        narration.show(False)
+        show_narration(False)
     # The per-round line shows the released record only: no client, cohort or traffic.
     released = [json.loads(line) for line in
                 open(os.path.join(result.run_dir, "metrics.jsonl"), encoding="utf-8")]
