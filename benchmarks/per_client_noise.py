@@ -10,6 +10,10 @@ isolates its effect. Prints the per-cell σᵢ, the accuracies, the paired diffe
         --alphas 0.1,0.3 --seeds 0,1,2 --out /tmp/per-client-noise
 
 Finished runs in ``--out`` are reused, so an interrupted measurement resumes.
+
+``--sigma-only`` skips training: it draws the same seeded splits as the runs and calibrates
+the shared σ and every σᵢ with the runs' accountant and δ (results to
+``benchmarks/results/per_client_sigma.json``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,48 @@ def run_cell(out: str, alpha: float, seed: int, mode: str, cell: dict[str, Any],
             "seconds": time.time() - started}
 
 
+def sigma_table(alphas: list[float], seeds: list[int], cell: dict[str, Any],
+                results: str) -> None:
+    """Shared σ vs per-client σᵢ on the runs' own splits, no training."""
+    from accounting import calibrate_noise_multiplier, calibrate_per_client, default_delta
+    from fedsb_dp.federated.privacy_unit import privacy_unit
+    from fedsb_dp.federated.setup import load_data, partition_frames
+    from fedsb_dp.rng import RandomStreams
+
+    rows = []
+    print("| Dirichlet α | seed | Nᵢ | shared σ | per-client σᵢ | largest client σᵢ / shared σ "
+          "| s |\n|---|---|---|---|---|---|---|", flush=True)
+    data = None
+    for alpha in alphas:
+        for seed in seeds:
+            started = time.time()
+            config = RunConfig(**cell, partition=f"dirichlet:{alpha:g}", seed=seed,
+                               noise="per-client")
+            data = data or load_data(config)
+            frames, _ = partition_frames(config, data, partition_seed=RandomStreams(
+                seed).integer("partition"))
+            sizes = {cid: len(frame) for cid, frame in frames.items()}
+            plan = privacy_unit(config).plan(sizes, {})
+            delta = default_delta(sum(sizes.values()))
+            own = {cid: r.noise_multiplier for cid, r in calibrate_per_client(
+                target_epsilon=config.epsilon, target_delta=delta, plan=plan,
+                accountant=config.accountant).items()}
+            shared = calibrate_noise_multiplier(
+                target_epsilon=config.epsilon, target_delta=delta, plan=plan,
+                accountant=config.accountant).noise_multiplier
+            largest = max(sizes, key=sizes.get)
+            rows.append({"alpha": alpha, "seed": seed, "sizes": sizes, "delta": delta,
+                         "shared_sigma": shared, "per_client_sigma": own,
+                         "largest_over_shared": own[largest] / shared})
+            print(f"| {alpha:g} | {seed} | {', '.join(map(str, sizes.values()))} | "
+                  f"{shared:.3f} | {', '.join(f'{v:.3f}' for v in own.values())} | "
+                  f"{own[largest] / shared:.3f} | {time.time() - started:.0f} |", flush=True)
+    os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
+    with open(results, "w", encoding="utf-8") as fh:
+        json.dump({"cell": cell, "rows": rows}, fh, indent=1)
+    print(f"wrote {results}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,12 +135,17 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=CELL[name])
     parser.add_argument("--out", default="runs/per-client-noise")
     parser.add_argument("--results", default=RESULTS)
+    parser.add_argument("--sigma-only", action="store_true",
+                        help="calibrate σ on the runs' splits without training")
     args = parser.parse_args()
     quiet_expected_warnings()
     cell = {**CELL, **{name: getattr(args, name)
                        for name in ("clients", "rounds", "local_steps", "max_eval_records")}}
     alphas = [float(a) for a in args.alphas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.sigma_only:
+        sigma_table(alphas, seeds, cell, "benchmarks/results/per_client_sigma.json")
+        return
     rows: list[dict[str, Any]] = []
     for seed in seeds:  # seed-major: an interrupted run still leaves whole pairs
         for alpha in alphas:
