@@ -18,6 +18,7 @@ from accounting.calibration import (
     FederatedPlan,
     calibrate,
     calibrate_noise_multiplier,
+    calibrate_per_client,
     epsilon_for_plan,
     max_rounds_within_budget,
 )
@@ -48,7 +49,7 @@ __all__ = [
     "FederationResult", "GaussianDpEvent", "LedgerIntegrityError", "NoOpDpEvent",
     "NonPrivateDpEvent", "PoissonSampledDpEvent", "PrivacyLedger", "RecordedPlan",
     "SampledWithoutReplacementDpEvent", "SelfComposedDpEvent", "calibrate",
-    "calibrate_noise_multiplier", "check_delta", "compute_delta", "compute_epsilon",
-    "default_delta", "epsilon_for_plan", "event_from_dict", "federation_epsilon",
+    "calibrate_noise_multiplier", "calibrate_per_client", "check_delta", "compute_delta",
+    "compute_epsilon", "default_delta", "epsilon_for_plan", "event_from_dict", "federation_epsilon",
     "federation_epsilon_of", "max_rounds_within_budget",
 ]

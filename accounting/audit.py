@@ -38,7 +38,7 @@ from accounting.events import (
 )
 from accounting.ledger import PrivacyLedger
 from accounting.legacy_plan import plan_from_settings
-from accounting.plan import PLAN_FORMAT, RecordedPlan
+from accounting.plan import RecordedPlan
 
 RUN_FILES = ("config.json", "ledger.json", "metrics.jsonl", "provenance.json", "summary.json",
              "progress.json")
@@ -260,9 +260,12 @@ def _plan_of(run: RunDirectory, ledger: PrivacyLedger) -> tuple[RecordedPlan | N
     name = "recorded plan"
     plan = ledger.plan
     if plan is not None:
-        return plan, (name, True, f"the ledger records the plan ({PLAN_FORMAT}): {plan.unit}-"
-                                  f"level, {plan.rounds} rounds × {plan.local_steps} "
-                                  f"release(s), σ = {plan.noise_multiplier:.6g}, participation "
+        sigma = (f"σ = {plan.noise_multiplier:.6g}" if not plan.per_client else
+                 "per-client σᵢ " + ", ".join(f"{k} {v:.6g}"
+                                               for k, v in plan.noise_multipliers.items()))
+        return plan, (name, True, f"the ledger records the plan ({plan.to_dict()['format']}): "
+                                  f"{plan.unit}-level, {plan.rounds} rounds × "
+                                  f"{plan.local_steps} release(s), {sigma}, participation "
                                   f"{plan.rule!r}")
     sigma = ledger.metadata.get("noise_multiplier",
                                 (run.progress or {}).get("noise_multiplier"))
@@ -429,11 +432,12 @@ def _event_check(plan: RecordedPlan, ledger: PrivacyLedger,
             continue
         key = row["client"]
         _, sigmas, rates = _step_parameters(ledger, key)
-        off_sigma = sorted(s for s in sigmas
-                           if not math.isclose(s, plan.noise_multiplier, rel_tol=1e-9))
+        # Each key against its own σᵢ when the plan has per-client noise.
+        planned = plan.sigma_of(key)
+        off_sigma = sorted(s for s in sigmas if not math.isclose(s, planned, rel_tol=1e-9))
         if off_sigma:
             problems.append(f"{key} σ {', '.join(f'{s:.6g}' for s in off_sigma)} ≠ plan σ "
-                            f"{plan.noise_multiplier:.6g}")
+                            f"{planned:.6g}")
         q = plan.sampling_probabilities[key]
         off_rate = sorted(r for r in rates if not math.isclose(r, q, rel_tol=1e-9))
         if off_rate:
@@ -453,6 +457,9 @@ def _metadata_check(plan: RecordedPlan, ledger: PrivacyLedger) -> Check:
     sigma = metadata.get("noise_multiplier")
     if sigma is not None and not math.isclose(sigma, plan.noise_multiplier, rel_tol=1e-9):
         problems.append(f"σ {plan.noise_multiplier} ≠ ledger's {sigma}")
+    recorded = metadata.get("noise_multipliers")
+    if (recorded or None) != plan.noise_multipliers:
+        problems.append(f"per-client σ {plan.noise_multipliers} ≠ ledger's {recorded}")
     clip = metadata.get("client_clip_norm" if plan.unit == "client" else "max_grad_norm")
     if clip is not None and clip != plan.clip_norm:
         problems.append(f"clip norm {plan.clip_norm} ≠ ledger's {clip}")

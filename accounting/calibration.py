@@ -229,6 +229,49 @@ def calibrate_noise_multiplier(
     return CalibrationResult(sigma, result.epsilon, used, result.per_client)
 
 
+def calibrate_per_client(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    plan: FederatedPlan,
+    accountant: str = "prv",
+    tolerance: float = 1e-3,
+) -> dict[str, CalibrationResult]:
+    """σᵢ for each client of the plan on its own, so that every client's ε ≤ target.
+
+    Each client's releases compose only with its own (parallel composition over disjoint
+    datasets), so its σᵢ is the smallest σ at which *its* plan — init event, qᵢ, Kᵢ × rounds
+    joined — meets the target. The largest σᵢ is the shared σ of
+    :func:`calibrate_noise_multiplier`; every other client adds less noise for the same ε.
+    Clients with the same plan share one calibration.
+
+    Raises:
+        AccountingError: As :func:`calibrate_noise_multiplier`, for the first client whose own
+            plan cannot meet the target (naming it).
+    """
+    results: dict[str, CalibrationResult] = {}
+    done: dict[tuple[object, ...], CalibrationResult] = {}
+    for cid, q in plan.sampling_probabilities.items():
+        key = (q, plan.steps_per_round(cid), plan.rounds_joined(cid),
+               plan.init_events.get(cid))
+        if key not in done:
+            own = FederatedPlan(
+                sampling_probabilities={cid: q}, local_steps=plan.steps_per_round(cid),
+                rounds=plan.rounds_joined(cid),
+                init_events={cid: plan.init_events[cid]} if cid in plan.init_events else {})
+            try:
+                done[key] = calibrate_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=target_delta, plan=own,
+                    accountant=accountant, tolerance=tolerance)
+            except AccountingError as exc:
+                raise AccountingError(f"client {cid!r}: {exc}") from None
+        found = done[key]
+        (result,) = found.per_client.values()
+        results[cid] = CalibrationResult(found.noise_multiplier, found.achieved_epsilon,
+                                         found.accountant, {cid: result})
+    return results
+
+
 def epsilon_for_plan(*, noise_multiplier: float, target_delta: float, plan: FederatedPlan,
                      accountant: str = "prv") -> float:
     """max-over-clients ε of the plan at a given σ."""

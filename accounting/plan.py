@@ -12,6 +12,12 @@ announced (the plan) from the ledger alone. On disk::
      "init": {"method": "gradient-svd", "source": "dp", ...},
      "participation": {"rule": "all"}}
 
+A record-level run with per-client noise (``--noise per-client``) calibrates one σᵢ per client
+from its own plan and records them under ``noise_multipliers`` (ledger key → σᵢ); its plan
+carries the format tag ``fedsb-dp/plan/v2`` so that a reader that knows only one σ refuses it
+rather than checking every key against the wrong σ. ``noise_multiplier`` is then the largest
+σᵢ. A shared-σ plan is written as ``v1``, exactly as before.
+
 Keys of ``sampling_probabilities`` are the ledger's keys: clients for record-level DP (qᵢ =
 b/Nᵢ of one DP-SGD step), the single key ``federation`` for client-level DP (the cohort rate
 p of one round). ``local_steps`` is the number of releases per key per round it joins.
@@ -37,6 +43,8 @@ from accounting.errors import AccountingError
 from accounting.events import DpEvent, event_from_dict
 
 PLAN_FORMAT = "fedsb-dp/plan/v1"
+#: The format of a plan with one σᵢ per ledger key (it adds ``noise_multipliers``).
+PER_CLIENT_PLAN_FORMAT = "fedsb-dp/plan/v2"
 PLAN_KEY = "recorded_plan"  # where a ledger's metadata keeps it
 RULES = ("all", "seeded-sample", "poisson-cohort")
 _FIELDS = ("format", "unit", "rounds", "local_steps", "sampling_probabilities",
@@ -91,6 +99,8 @@ class RecordedPlan:
         init: What the initialisation reads (``method``, ``source``, ``examples``,
             ``noise_multiplier``, ``data`` — whatever the run recorded).
         participation: Who is charged each round (see the module docstring).
+        noise_multipliers: Ledger key → its own σᵢ (per-client noise), or ``None`` when every
+            key trains at ``noise_multiplier``; when set, ``noise_multiplier`` is the largest.
     """
 
     unit: str
@@ -105,6 +115,7 @@ class RecordedPlan:
     init_events: dict[str, DpEvent] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)
     participation: dict[str, Any] = field(default_factory=lambda: {"rule": "all"})
+    noise_multipliers: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in ("example", "client"):
@@ -133,6 +144,36 @@ class RecordedPlan:
         if not isinstance(self.init, dict):
             raise AccountingError(f"plan init={self.init!r} must be a dict")
         _check_participation(self.participation)
+        if self.noise_multipliers is not None:
+            self._check_noise_multipliers()
+
+    def _check_noise_multipliers(self) -> None:
+        sigmas = self.noise_multipliers
+        if not isinstance(sigmas, dict):
+            raise AccountingError(f"plan noise_multipliers={sigmas!r:.80} must be a dict")
+        if self.unit != "example":
+            raise AccountingError(f"plan noise_multipliers (one σ per client) need unit "
+                                  f"'example', not {self.unit!r}: client-level DP adds one "
+                                  "server-side noise")
+        if set(sigmas) != set(self.sampling_probabilities):
+            raise AccountingError(f"plan noise_multipliers keys {sorted(sigmas)} ≠ sampling "
+                                  f"keys {sorted(self.sampling_probabilities)}")
+        for key, sigma in sigmas.items():
+            _number(f"noise_multipliers[{key!r}]", sigma, low=0, low_open=True)
+        if self.noise_multiplier != max(sigmas.values()):
+            raise AccountingError(f"plan noise_multiplier={self.noise_multiplier!r} must be the "
+                                  f"largest of noise_multipliers ({max(sigmas.values())!r})")
+
+    @property
+    def per_client(self) -> bool:
+        """Whether each ledger key has its own σᵢ."""
+        return self.noise_multipliers is not None
+
+    def sigma_of(self, key: str) -> float:
+        """σ of the training releases of one ledger key."""
+        if self.noise_multipliers is not None:
+            return self.noise_multipliers[key]
+        return self.noise_multiplier
 
     @property
     def rule(self) -> str:
@@ -150,7 +191,10 @@ class RecordedPlan:
                              init_events=dict(self.init_events))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-safe form kept in the ledger's metadata."""
+        """The JSON-safe form kept in the ledger's metadata (v2 only with per-client σ)."""
+        extra = ({} if self.noise_multipliers is None
+                 else {"format": PER_CLIENT_PLAN_FORMAT,
+                       "noise_multipliers": dict(self.noise_multipliers)})
         return {
             "format": PLAN_FORMAT, "unit": self.unit, "rounds": self.rounds,
             "local_steps": self.local_steps,
@@ -160,6 +204,7 @@ class RecordedPlan:
             "target_delta": self.target_delta,
             "init_events": {k: e.to_dict() for k, e in self.init_events.items()},
             "init": dict(self.init), "participation": dict(self.participation),
+            **extra,
         }
 
     @classmethod
@@ -170,12 +215,16 @@ class RecordedPlan:
             AccountingError: If the format tag, a field or an event is not what the format
                 allows (naming the value).
         """
-        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+        formats = (PLAN_FORMAT, PER_CLIENT_PLAN_FORMAT)
+        if not isinstance(data, Mapping) or data.get("format") not in formats:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise AccountingError(f"not a {PLAN_FORMAT} plan (format {found!r})")
-        if set(data) != set(_FIELDS):
+            raise AccountingError(f"not a {PLAN_FORMAT} or {PER_CLIENT_PLAN_FORMAT} plan "
+                                  f"(format {found!r})")
+        per_client = data["format"] == PER_CLIENT_PLAN_FORMAT
+        fields = set(_FIELDS) | ({"noise_multipliers"} if per_client else set())
+        if set(data) != fields:
             raise AccountingError(f"plan keys {sorted(data)} differ from the format's "
-                                  f"{sorted(_FIELDS)}")
+                                  f"{sorted(fields)}")
         events = data["init_events"]
         if not isinstance(events, Mapping):
             raise AccountingError(f"plan init_events={events!r:.80} must be a dict")
@@ -190,7 +239,10 @@ class RecordedPlan:
             accountant=data["accountant"], target_epsilon=data["target_epsilon"],
             target_delta=data["target_delta"],
             init_events={k: event_from_dict(e) for k, e in events.items()},
-            init=data["init"], participation=data["participation"])
+            init=data["init"], participation=data["participation"],
+            noise_multipliers=(dict(data["noise_multipliers"])
+                               if per_client and isinstance(data["noise_multipliers"], Mapping)
+                               else data["noise_multipliers"] if per_client else None))
 
 
-__all__ = ["PLAN_FORMAT", "PLAN_KEY", "RULES", "RecordedPlan"]
+__all__ = ["PER_CLIENT_PLAN_FORMAT", "PLAN_FORMAT", "PLAN_KEY", "RULES", "RecordedPlan"]

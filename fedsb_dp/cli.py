@@ -81,8 +81,12 @@ def _print_summary(result) -> None:
                                for cid, eps in privacy["per_client_epsilon"].items())
         print(f"  per-client ε    {per_client}")
         noise_name = "noise z (server)" if unit == "client" else "noise σ"
-        # At least one space after the label, even one longer than the column.
-        print(f"  {noise_name.ljust(15)} {s['noise_multiplier']:.4f}")
+        if s.get("noise_multipliers"):
+            print(f"  {'noise σᵢ':15s} " + ", ".join(
+                f"{cid} {sigma:.4f}" for cid, sigma in s["noise_multipliers"].items()))
+        else:
+            # At least one space after the label, even one longer than the column.
+            print(f"  {noise_name.ljust(15)} {s['noise_multiplier']:.4f}")
     print(f"  rounds          {s['rounds_completed']}/{s['rounds_planned']}")
     print(f"  communicated    setup {_format_bytes(s['bytes_setup'])}, uplink "
           f"{_format_bytes(s['bytes_up'])}, downlink {_format_bytes(s['bytes_down'])} "

@@ -36,7 +36,9 @@ def audit_command(args: argparse.Namespace) -> int:
             print("--empirical audits one run directory; skipped for a sweep")
             return 0 if passed else EXIT_FAILED
         metadata = PrivacyLedger.load(f"{args.run_dir}/ledger.json").metadata
-        sigma = float(metadata.get("noise_multiplier") or 0.0)
+        # With per-client noise the weakest release is the smallest σᵢ: audit that one.
+        sigma = float(min((metadata.get("noise_multipliers") or {}).values(),
+                          default=metadata.get("noise_multiplier") or 0.0))
         if sigma <= 0:
             print("empirical step audit: skipped, the run added no noise (σ = 0, ε = ∞)")
             return EXIT_FAILED

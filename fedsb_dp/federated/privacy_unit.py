@@ -37,6 +37,11 @@ from fedsb_dp.rng import RandomStreams
 FEDERATION = "federation"  # the single ledger key of client-level accounting
 
 
+def sigma_of(sigma: float | Mapping[str, float], client_id: str) -> float:
+    """σ of one client: the run's shared σ, or its own σᵢ from a per-client map."""
+    return float(sigma) if isinstance(sigma, int | float) else sigma[client_id]
+
+
 def local_config(config: RunConfig, noise_multiplier: float) -> LocalTrainingConfig:
     """The clients' local DP-SGD settings of a run, with the given σ."""
     return LocalTrainingConfig(
@@ -73,7 +78,8 @@ class PrivacyUnit(ABC):
         """Who is charged each round, as the ledger's plan records it."""
 
     def recorded_plan(self, plan: FederatedPlan, *, noise_multiplier: float, delta: float,
-                      init: Mapping[str, Any]) -> RecordedPlan:
+                      init: Mapping[str, Any],
+                      noise_multipliers: Mapping[str, float] | None = None) -> RecordedPlan:
         """The plan σ was calibrated for, with everything an auditor needs to check the ledger.
 
         Args:
@@ -81,6 +87,8 @@ class PrivacyUnit(ABC):
             noise_multiplier: The calibrated σ (0 for a non-private run).
             delta: The run's δ.
             init: What the initialisation reads (the ledger's ``init`` record).
+            noise_multipliers: Ledger key → σᵢ with per-client noise (then
+                ``noise_multiplier`` is the largest), ``None`` for one shared σ.
         """
         return RecordedPlan(
             unit=self.name, rounds=plan.rounds, local_steps=plan.local_steps,
@@ -88,7 +96,9 @@ class PrivacyUnit(ABC):
             noise_multiplier=noise_multiplier, clip_norm=self.clip_norm,
             accountant=self.config.accountant, target_epsilon=self.config.epsilon,
             target_delta=delta, init_events=dict(plan.init_events), init=dict(init),
-            participation=self.participation_rule(len(plan.sampling_probabilities)))
+            participation=self.participation_rule(len(plan.sampling_probabilities)),
+            noise_multipliers=(None if noise_multipliers is None
+                               else dict(noise_multipliers)))
 
     @abstractmethod
     def participants(self, streams: RandomStreams, round_index: int,
@@ -96,9 +106,12 @@ class PrivacyUnit(ABC):
         """Who trains in a round."""
 
     @abstractmethod
-    def round_events(self, sigma: float, sizes: Mapping[str, int],
+    def round_events(self, sigma: float | Mapping[str, float], sizes: Mapping[str, int],
                      participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
-        """The events a round releases (reserved before any instruction leaves the server)."""
+        """The events a round releases (reserved before any instruction leaves the server).
+
+        ``sigma`` is the run's σ, or client → σᵢ with per-client noise (record-level only).
+        """
 
     @abstractmethod
     def local_noise(self, sigma: float) -> float:
@@ -169,12 +182,11 @@ class RecordLevelDP(PrivacyUnit):
             len(client_ids), size=count, replace=False)
         return [client_ids[i] for i in sorted(chosen)]
 
-    def round_events(self, sigma: float, sizes: Mapping[str, int],
+    def round_events(self, sigma: float | Mapping[str, float], sizes: Mapping[str, int],
                      participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
-        """K Poisson-sampled Gaussian steps per participant (non-private: a NonPrivate event)."""
-        local = local_config(self.config, sigma)
-        return {cid: (local.step_event(sizes[cid]) if self.config.private
-                      else NonPrivateDpEvent(), self.config.local_steps)
+        """K Poisson-sampled Gaussian steps per participant at its σ (non-private: NonPrivate)."""
+        return {cid: (local_config(self.config, sigma_of(sigma, cid)).step_event(sizes[cid])
+                      if self.config.private else NonPrivateDpEvent(), self.config.local_steps)
                 for cid in participants}
 
     def local_noise(self, sigma: float) -> float:
@@ -228,10 +240,12 @@ class ClientLevelDP(PrivacyUnit):
         return poisson_cohort(client_ids, self.config.participation,
                               streams.torch("cohort", round_index))
 
-    def round_events(self, sigma: float, sizes: Mapping[str, int],
+    def round_events(self, sigma: float | Mapping[str, float], sizes: Mapping[str, int],
                      participants: Sequence[str]) -> dict[str, tuple[DpEvent, int]]:
         """One event for the federation, whoever was drawn."""
         del sizes, participants
+        if not isinstance(sigma, int | float):
+            raise TypeError("client-level DP has one server-side σ, not one per client")
         if not self.config.private:
             return {FEDERATION: (NonPrivateDpEvent(), 1)}
         if self.config.participation >= 1:

@@ -4,7 +4,8 @@ Order of operations (each release is in the ledger before its noise exists):
 
 1. :meth:`RoundProtocol.create` checks δ < 1/N and every qᵢ ≤ 1, calibrates σ once for the
    whole plan (init events + every round × local steps) so the max-over-clients ε meets the
-   target, writes ``config.json``, ``provenance.json`` and the ledger (with the plan σ was
+   target — or, with ``noise="per-client"``, one σᵢ per client from its own plan so that each
+   client meets it — writes ``config.json``, ``provenance.json`` and the ledger (with the plan σ was
    calibrated for, from the privacy unit, so an audit needs the ledger alone), records any
    data-dependent init event, injects the agreed adapters and saves them (``init_adapter/``,
    so a resume never re-runs the init).
@@ -43,6 +44,7 @@ from accounting import (
     BudgetGuard,
     PrivacyLedger,
     calibrate_noise_multiplier,
+    calibrate_per_client,
     check_delta,
     default_delta,
     federation_epsilon,
@@ -59,7 +61,7 @@ from fedsb_dp.federated.client import (
     sampling_probability,
 )
 from fedsb_dp.federated.initialisation import init_events, init_record
-from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit
+from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit, sigma_of
 from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
 from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update
@@ -229,6 +231,8 @@ class RoundProtocol:
         self.delta = delta
         self.streams = streams
         self.sigma: float = progress["noise_multiplier"]
+        # Client → σᵢ with per-client noise (σ above is then the largest), else None.
+        self.sigmas: dict[str, float] | None = progress.get("noise_multipliers")
         self.client_ids = client_ids(config)
         self.out = config.out
         self.status = "running"
@@ -289,10 +293,20 @@ class RoundProtocol:
         if config.private:
             narration.say(f"calibrating σ for ε={config.epsilon:g} at δ={delta:.1e} over "
                           f"{config.rounds} rounds ({config.accountant.upper()}) …")
-        sigma = (calibrate_noise_multiplier(
-            target_epsilon=config.epsilon, target_delta=delta,
-            plan=plan, accountant=config.accountant,
-        ).noise_multiplier if config.private else 0.0)
+        sigmas: dict[str, float] | None = None
+        if config.private and config.noise == "per-client":
+            sigmas = {cid: result.noise_multiplier for cid, result in calibrate_per_client(
+                target_epsilon=config.epsilon, target_delta=delta, plan=plan,
+                accountant=config.accountant).items()}
+            sigma = max(sigmas.values())
+        else:
+            sigma = (calibrate_noise_multiplier(
+                target_epsilon=config.epsilon, target_delta=delta,
+                plan=plan, accountant=config.accountant,
+            ).noise_multiplier if config.private else 0.0)
+        # σᵢ is a function of the public Nᵢ and settings, so it is released with them.
+        per_client = {} if sigmas is None else {"noise": "per-client",
+                                                "noise_multipliers": dict(sigmas)}
 
         out = config.out
         rd.claim_new_run_dir(out)
@@ -312,11 +326,13 @@ class RoundProtocol:
             metadata={"seed_mode": "seeded" if streams.seeded else "os-entropy",
                       "noise_is_release": not streams.seeded, "sampling": "poisson",
                       "noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
+                      **per_client,
                       "method": config.method, "dp_level": config.dp_level, "init": init,
                       **({"client_clip_norm": config.client_clip_norm}
                          if config.dp_level == "client" else {})},
             # What σ was calibrated for, so an audit needs the ledger alone.
-            plan=unit.recorded_plan(plan, noise_multiplier=sigma, delta=delta, init=init),
+            plan=unit.recorded_plan(plan, noise_multiplier=sigma, delta=delta, init=init,
+                                    noise_multipliers=sigmas),
         )
         ledger_path = os.path.join(out, rd.LEDGER)
         ledger.save(ledger_path)
@@ -337,7 +353,7 @@ class RoundProtocol:
         progress = {
             "completed_rounds": 0, "aggregated_rounds": 0, "failed_rounds": [],
             "partition_seed": partition_seed, "init_seed": init_seed,
-            "noise_multiplier": sigma, "fingerprint": fingerprint,
+            "noise_multiplier": sigma, "noise_multipliers": sigmas, "fingerprint": fingerprint,
             "init_fingerprint": fingerprint, "sizes": dict(sizes),
             "engine": engine,
             "bytes_setup": payload_bytes(method.setup_payload(model)) * len(sizes),
@@ -422,7 +438,8 @@ class RoundProtocol:
             return None
         t = self.progress["completed_rounds"]
         participants = self.unit.participants(self.streams, t, self.client_ids)
-        events = self.unit.round_events(self.sigma, self.prepared.sizes, participants)
+        noise = self.sigmas if self.sigmas is not None else self.sigma
+        events = self.unit.round_events(noise, self.prepared.sizes, participants)
         try:
             token = self.guard.reserve_round(events, round_index=t)
         except BudgetExceededError as exc:
@@ -431,10 +448,10 @@ class RoundProtocol:
             return None
         self.ledger.save(self.path(rd.LEDGER))
         global_state = trainable_state(self.model)
-        local = local_config(self.config, self.unit.local_noise(self.sigma))
         instructions = {
             cid: Instruction(client_id=cid, stream_index=self.client_ids.index(cid),
-                             round_index=t, local=local,
+                             round_index=t, local=local_config(
+                                 self.config, self.unit.local_noise(sigma_of(noise, cid))),
                              rank=self._rank(self.config, cid, self.client_ids),
                              state=self._sent(self.config, global_state, cid, self.client_ids),
                              fingerprint=self.progress["fingerprint"])
@@ -603,6 +620,8 @@ class RoundProtocol:
             "rounds_aggregated": progress["aggregated_rounds"],
             "rounds_failed": progress["failed_rounds"], "rounds_planned": config.rounds,
             "noise_multiplier": self.sigma, "privacy": eps, "target_epsilon": config.epsilon,
+            "noise": config.noise,
+            **({} if self.sigmas is None else {"noise_multipliers": dict(self.sigmas)}),
             **self.unit.summary(progress["engine"]),
             "bytes_setup": progress["bytes_setup"], "bytes_up": progress["bytes_up"],
             "bytes_down": progress["bytes_down"],

@@ -18,6 +18,9 @@ What must stay with the operator depends on the privacy unit:
   per-client traffic, realised traffic totals (cohort size × payload) — and every client's
   record count Nᵢ leave the released files; the summary reports traffic as its expected value
   p·Σᵢ(payload of client i) per round, which depends on no private bit.
+* Per-client noise σᵢ (``--noise per-client``, record-level only) is a function of Nᵢ and the
+  public settings, so it is released wherever Nᵢ is (the ledger, the summary) and would be
+  operator-only wherever Nᵢ is (``noise_multipliers`` is listed with the cohort fields).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from fedsb_dp.federated import run_dir as rd
 TIMING_FIELDS = ("elapsed_s", "round_time_s", "round_times_s", "wall_time_s")
 #: Operator-only under client-level DP: they reveal the secret cohort or a client's Nᵢ.
 COHORT_FIELDS = ("participants", "valid", "dropped", "rejected", "bytes_up_by_client",
-                 "bytes_down_by_client", "bytes_up", "bytes_down", "clients")
+                 "bytes_down_by_client", "bytes_up", "bytes_down", "clients",
+                 "noise_multipliers")
 
 #: The stop reason a released file gives for a non-finite update; details go to the operator.
 NONFINITE_STOP_MESSAGE = (

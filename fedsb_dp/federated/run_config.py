@@ -21,6 +21,8 @@ from fedsb_dp.methods import METHODS, method_class
 from fedsb_dp.models import CAUSAL_LM, DEFAULT_MODEL, POOLINGS, SEQUENCE_CLASSIFICATION, TASKS
 
 DP_LEVELS = ("example", "client")
+#: How σ is chosen: one for the whole federation, or one per client from its own Nᵢ.
+NOISE_MODES = ("shared", "per-client")
 
 #: Settings that do not define the run: left out of its digest and of a Flower setup record.
 NOT_IN_DIGEST = ("out", "device")
@@ -65,6 +67,10 @@ class RunConfig:
         "example", "privacy unit: example (one record of one client) or client (a whole "
         "client: the server clips each update and adds noise; needs many clients)",
         choices=DP_LEVELS)
+    noise: str = setting(
+        "shared", "record-level σ: shared (one σ calibrated for the worst client, i.e. the "
+        "smallest) or per-client (each client's σᵢ from its own Nᵢ, so each meets the "
+        "target exactly)", choices=NOISE_MODES)
     max_grad_norm: float = setting(3.0, "per-example clip norm C of DP-SGD",
                                    unit="(L2 norm)", aliases=("--clip",))
     client_clip_norm: float = setting(
@@ -250,6 +256,15 @@ class RunConfig:
                 "release. Use --init w0-svd, random-orthonormal, or --init-source public "
                 "--init-data PATH|HUB_ID (a public dataset, never the clients' records)")
 
+        if self.noise == "per-client" and self.dp_level == "client":
+            raise ConfigError(
+                "noise='per-client' calibrates each client's DP-SGD noise from its own "
+                "records; dp_level='client' adds one noise at the server for the whole "
+                "federation, so it has no per-client σ. Use --noise shared with "
+                "--dp-level client")
+        if self.noise == "per-client" and self.no_dp:
+            raise ConfigError("noise='per-client' calibrates σᵢ for a privacy target; a "
+                              "no_dp run adds no noise (drop --noise or --no-dp)")
         if self.client_ranks is not None:
             self._check_client_ranks()
         if self.method != "fedsb" and self.dp_level == "client":

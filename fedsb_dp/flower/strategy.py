@@ -120,9 +120,11 @@ class ProtocolStrategy(Strategy):
     def summary(self) -> None:
         """Log the run's plan."""
         config = self.protocol.config
-        logger.info("ProtocolStrategy: %s, %d clients, %d rounds × %d local steps, σ=%.4g",
+        logger.info("ProtocolStrategy: %s, %d clients, %d rounds × %d local steps, σ=%s",
                     config.method, len(self.nodes), config.rounds, config.local_steps,
-                    self.protocol.sigma)
+                    f"{self.protocol.sigma:.4g}" if self.protocol.sigmas is None else
+                    "per client " + ", ".join(f"{c} {s:.4g}"
+                                              for c, s in self.protocol.sigmas.items()))
 
     def run_rounds(self, grid: Grid, *, timeout: float) -> None:
         """The round loop of :meth:`Strategy.start`, until the protocol says the run is over."""

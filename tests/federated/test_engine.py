@@ -319,3 +319,23 @@ def test_client_level_refuses_record_level_init(tmp_path):
 
 # End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
 pytestmark = pytest.mark.slow
+
+
+def test_per_client_noise_run_charges_each_client_its_sigma_and_resume_keeps_it(tmp_path):
+    config = _config(tmp_path, partition="dirichlet:0.3", noise="per-client")
+    first = run_federation(config, progress=False, stop_after_rounds=1)
+    path = os.path.join(first.run_dir, "ledger.json")
+    sizes = PrivacyLedger.load(path).dataset_sizes
+    sigmas = PrivacyLedger.load(path).plan.noise_multipliers
+    by_size = sorted(sizes, key=sizes.get)  # more records, less noise
+    assert [sigmas[c] for c in by_size] == sorted(sigmas.values(), reverse=True)
+    resumed = run_federation(config, resume=True, progress=False)
+    assert resumed.status == "completed"
+    ledger = PrivacyLedger.load(path)
+    assert ledger.plan.noise_multipliers == sigmas == resumed.summary["noise_multipliers"]
+    for entry in ledger.to_json_dict()["body"]["entries"]:  # both rounds, each its own σᵢ
+        assert entry["event"]["event"]["noise_multiplier"] == sigmas[entry["client"]]
+    per_client = federation_epsilon(ledger, delta=ledger.target_delta).per_client
+    assert all(2.97 <= r.epsilon <= 3.0 for r in per_client.values()), per_client
+    report = audit_run(first.run_dir)
+    assert report.passed, report.format()

@@ -168,3 +168,33 @@ def test_node_config_values_and_ledger_location(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSB_DP_NODE_DIR", str(tmp_path / "state"))
     assert default_ledger_path({}, client_id="client-1", run_id=7, data_path=None) == str(
         tmp_path / "state" / "run-7" / "client-1.ledger.json")
+
+
+def test_per_client_sigma_agrees_with_the_nodes_own_and_below_it_is_refused(tmp_path):
+    """--noise per-client sends each node its own σᵢ: exactly the node's own calibration."""
+    from accounting import calibrate_per_client
+
+    sizes = {"client-0": N, "client-1": 10 * N}
+    per_client = calibrate_per_client(
+        target_epsilon=BASE["target_epsilon"], target_delta=DELTA,
+        plan=FederatedPlan({c: BASE["expected_batch_size"] / n for c, n in sizes.items()},
+                           local_steps=BASE["local_steps"], rounds=BASE["rounds"]),
+        accountant=BASE["accountant"])
+    sigma_large = per_client["client-1"].noise_multiplier
+    assert sigma_large < per_client["client-0"].noise_multiplier
+    large = NodePrivacyPolicy(ledger_path=str(tmp_path / "large.json"))
+    assert large.required_noise_multiplier(_plan(sigma_large), client_id="client-1",
+                                           num_records=10 * N) == sigma_large
+    large.commit(large.begin_round(_plan(sigma_large), client_id="client-1",
+                                   num_records=10 * N, round_index=0))
+    # A σᵢ just below the node's own calibration, and the large node's σ sent to the small
+    # node, are refused before anything is charged.
+    low = NodePrivacyPolicy(ledger_path=str(tmp_path / "low.json"))
+    with pytest.raises(NodeRefusalError, match="client-1 refuses noise multiplier"):
+        low.begin_round(_plan(sigma_large * (1 - 1e-3)), client_id="client-1",
+                        num_records=10 * N, round_index=0)
+    small = NodePrivacyPolicy(ledger_path=str(tmp_path / "small.json"))
+    with pytest.raises(NodeRefusalError, match="client-0 refuses noise multiplier"):
+        small.begin_round(_plan(sigma_large), client_id="client-0", num_records=N,
+                          round_index=0)
+    assert not os.path.exists(low.ledger_path) and not os.path.exists(small.ledger_path)

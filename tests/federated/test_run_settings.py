@@ -226,3 +226,16 @@ def test_console_script_exit_code_names_the_flag():
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "fedsb-dp: error: --clip 0 must be > 0" in done.stderr
+
+
+def test_per_client_noise_is_refused_where_it_does_not_apply(tmp_path):
+    assert RunConfig(epsilon=3).noise == "shared"
+    with pytest.raises(ConfigError, match="dp_level='client' adds one noise at the server"):
+        RunConfig(epsilon=3, noise="per-client", dp_level="client", clients=20)
+    with pytest.raises(ConfigError, match="no_dp run adds no noise"):
+        RunConfig(no_dp=True, noise="per-client")
+    with pytest.raises(SettingError, match="noise='each'"):
+        RunConfig(epsilon=3, noise="each")
+    code = main(["run", "--epsilon", "3", "--noise", "per-client", "--dp-level", "client",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and not os.path.exists(tmp_path / "run")
