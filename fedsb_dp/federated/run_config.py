@@ -125,8 +125,8 @@ class RunConfig:
     response_column: str | None = setting(
         None, "causal-lm: response column (alone: a single text column, all of it trained)",
         unset="none")
-    dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet "
-                           "file, or a hub dataset name")
+    dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' or '20newsgroups' (offline), a "
+                           "CSV/JSON/Parquet file, or a hub dataset name")
     text_column: str = setting("text", "text column")
     text_pair_column: str | None = setting(None, "second text column (NLI pairs)",
                                            unset="none")
@@ -243,9 +243,13 @@ class RunConfig:
         if self.method != "fedsb" and self.dp_level == "client":
             raise ConfigError(f"dp_level='client' is implemented for method='fedsb' only, not "
                               f"{self.method!r}")
-        if method_class(self.method)[0].adapter == "lora" and self.init == "gradient-svd":
+        if method_class(self.method)[0].adapter != "lora-sb" and self.init == "gradient-svd":
             raise ConfigError(f"init='gradient-svd' builds LoRA-SB factors; method="
-                              f"{self.method!r} starts from random A and B = 0 (drop --init)")
+                              f"{self.method!r} has none (drop --init)")
+        if self.method == "head-only" and not self.trains_head:
+            raise ConfigError("method='head-only' trains the classification head and nothing "
+                              "else; it needs --task sequence-classification and a trained "
+                              "head (drop --frozen-head)")
         if self.method_is_central and self.dp_level == "client":
             raise ConfigError(f"method={self.method!r} is a single pooled client; "
                               "dp_level='client' needs a federation")

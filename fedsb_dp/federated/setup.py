@@ -152,7 +152,7 @@ def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *
     cases bit for bit, which is how Flower clients agree on B and A without receiving them.
     """
     targets = targets_of(config, model)
-    if method.adapter == "lora":
+    if method.adapter != "lora-sb":  # LoRA's random A, or no adapter at all (head-only)
         method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed))
         _trained_in_float32(config, model)
         return
