@@ -179,13 +179,14 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
                      partition_seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Each client's training records (the seeded split) and the partition diagnostics."""
     labels = data.train["label"].to_numpy()
+    details: dict[str, Any] = {}
     if config.method_is_central:
         parts = [np.arange(len(data.train))]
     else:
         # Non-IID splits must leave every client a full expected batch (q ≤ 1).
         parts = partition_records(
             labels, config.partition, num_clients=config.clients, seed=partition_seed,
-            min_records=1 if config.partition == "iid" else config.batch_size)
+            min_records=1 if config.partition == "iid" else config.batch_size, details=details)
     frames = client_frames(data.train, parts)
     if config.method_is_central:
         frames = {CENTRAL: frames[client_id(0)]}
@@ -193,7 +194,7 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
                       strict=True))
     return frames, {
         "spec": "pooled" if config.method_is_central else config.partition,
-        "seed": partition_seed, "clients": report,
+        "seed": partition_seed, "clients": report, **details,
         # Exact counts of private labels: operator-side diagnostics of the simulation,
         # never sent by a client (a Flower deployment has no such file).
         "privacy": "not a DP release: exact per-client label counts; do not publish with "

@@ -22,7 +22,6 @@ from fedsb_dp.adapters import (
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.lora import LoRALinear, lora_layers
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.methods.head_only import HeadOnly
 from fedsb_dp.methods import (
     METHODS,
     FedSB,
@@ -33,6 +32,7 @@ from fedsb_dp.methods import (
     set_active_rank,
     truncate_state,
 )
+from fedsb_dp.methods.head_only import HeadOnly
 
 FEDERATED = ["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "head-only"]
 EXACT = ["fedsb", "ffa-lora", "fedex-lora", "flora", "head-only"]
