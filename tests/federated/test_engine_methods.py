@@ -74,11 +74,13 @@ def test_measured_traffic_per_client_per_round(runs):
     assert per_round["flora"] > 2 * per_round["fedit"] - 4 * HEAD
     assert runs["fedsb"].summary["bytes_setup"] > 0  # the one-time B/A broadcast
     assert runs["fedit"].summary["bytes_setup"] == 0
-    # Head-only: no adapter, no broadcast; each message is the float32 head, both ways.
+    # Head-only: no adapter, no broadcast; each message is the float32 head (plus the
+    # safetensors header), the same both ways and for every client.
     assert runs["head-only"].summary["bytes_setup"] == 0
     for m in _metrics(runs["head-only"].run_dir):
-        assert set(m["bytes_up_by_client"].values()) == {4 * HEAD}
-        assert set(m["bytes_down_by_client"].values()) == {4 * HEAD}
+        (up,) = set(m["bytes_up_by_client"].values())
+        assert set(m["bytes_down_by_client"].values()) == {up}
+        assert 4 * HEAD < up < 4 * HEAD + 512
 
 
 def test_partition_report_written(runs):
@@ -112,6 +114,17 @@ def test_central_reference_is_one_pooled_client(tmp_path):
     assert result.summary["clients"] == {"central": 240}
     ledger = PrivacyLedger.load(os.path.join(result.run_dir, "ledger.json"))
     assert ledger.clients == ["central"]
+
+
+def test_head_only_runs_non_privately(tmp_path):
+    """ε = ∞ (a sweep's reference column) with no adapter at all: only the head moves."""
+    config = RunConfig(**{**SMALL, "no_dp": True, "method": "head-only", "rounds": 1,
+                          "local_steps": 1, "out": str(tmp_path / "h")})
+    result = run_federation(config, progress=False)
+    assert result.status == "completed" and result.summary["noise_multiplier"] == 0.0
+    assert result.summary["trainable_parameters"] == HEAD
+    per_client = result.summary["bytes_up"] / 3
+    assert 4 * HEAD < per_client < 4 * HEAD + 512  # the float32 head and its header
 
 
 def test_rank_heterogeneous_fedsb_run(tmp_path):
