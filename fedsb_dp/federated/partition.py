@@ -15,6 +15,16 @@ A natural partition's clients are named by index (``client-0``…, in the sorted
 values), never by value: client ids appear in the released ledger, and a value (a user id, a
 hospital) may itself be sensitive. The value → client mapping stays with the operator
 (``partition.json``).
+
+Degenerate splits. At small α a draw can leave a client with one label (every method then
+ends near the minority rate, and the comparison measures the split, not the method).
+``dirichlet:<alpha>:<m>`` keeps a floor: the draw is repeated until every client holds at least
+``m`` labels with at least :data:`MIN_LABEL_RECORDS` records each. Draw 0 uses the run's
+partition seed (so it equals the plain ``dirichlet:<alpha>`` split whenever that one already
+meets the floor); redraw ``k`` uses a seed derived from (partition seed, k). The number of
+redraws is recorded in ``partition.json``. The redraw reads the labels, like the size floor
+flwr-datasets already applies: both are part of setting up the simulated federation, before
+anything is trained or released, and the rule itself is public (it is in the run's config).
 """
 
 from __future__ import annotations
@@ -33,6 +43,10 @@ PARTITION_KINDS = ("iid", "dirichlet", "quantity", "column")
 #: Most clients a natural partition may create (the in-process driver holds them all).
 MAX_NATURAL_CLIENTS = 1000
 _ROW = "__fedsb_row__"
+#: Records a label needs on a client to count towards the ``dirichlet:<alpha>:<m>`` floor.
+MIN_LABEL_RECORDS = 10
+#: Draws tried before a label floor is declared unreachable.
+MAX_DRAWS = 100
 
 
 @dataclass(frozen=True)
@@ -43,11 +57,14 @@ class PartitionSpec:
         kind: ``"iid"``, ``"dirichlet"``, ``"quantity"`` or ``"column"``.
         concentration: α (Dirichlet) or β (quantity); ``None`` for IID and column.
         column: The column whose values are the clients (``column`` only).
+        min_labels: Dirichlet only: labels (each with ≥ :data:`MIN_LABEL_RECORDS` records)
+            every client must hold; ``None`` = no floor.
     """
 
     kind: str
     concentration: float | None = None
     column: str | None = None
+    min_labels: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> PartitionSpec:
@@ -59,17 +76,19 @@ class PartitionSpec:
         if not isinstance(spec, str):
             raise ConfigError(f"partition={spec!r} must be a string such as 'dirichlet:0.3'")
         kind, _, value = spec.strip().partition(":")
+        column_name = value  # a column name may itself hold ':'
+        value, _, floor = value.partition(":")
         if kind not in PARTITION_KINDS:
             raise ConfigError(f"partition={spec!r}: kind {kind!r} is not one of "
                               f"{PARTITION_KINDS} (e.g. 'iid', 'dirichlet:0.3', 'quantity:0.5', "
                               "'column:site')")
         if kind == "column":
-            if not value.strip():
+            if not column_name.strip():
                 raise ConfigError(f"partition={spec!r}: column needs a column name, e.g. "
                                   "'column:site'")
-            return cls("column", column=value.strip())
+            return cls("column", column=column_name.strip())
         if kind == "iid":
-            if value:
+            if value or floor:
                 raise ConfigError(f"partition={spec!r}: 'iid' takes no parameter")
             return cls("iid")
         try:
@@ -81,12 +100,20 @@ class PartitionSpec:
             name = "alpha" if kind == "dirichlet" else "beta"
             raise ConfigError(f"partition={spec!r}: {name}={concentration} must be > 0 and "
                               "finite")
-        return cls(kind, concentration)
+        if not floor:
+            return cls(kind, concentration)
+        if kind != "dirichlet" or not floor.isdigit() or int(floor) < 1:
+            raise ConfigError(f"partition={spec!r}: a label floor is 'dirichlet:<alpha>:<m>' "
+                              "with m an integer ≥ 1 (labels each client keeps)")
+        return cls(kind, concentration, int(floor))
 
     def __str__(self) -> str:
         if self.kind == "column":
             return f"column:{self.column}"
-        return self.kind if self.concentration is None else f"{self.kind}:{self.concentration:g}"
+        if self.concentration is None:
+            return self.kind
+        floor = "" if self.min_labels is None else f":{self.min_labels}"
+        return f"{self.kind}:{self.concentration:g}{floor}"
 
 
 def natural_partition(groups: pd.Series, *, min_records: int,
@@ -222,15 +249,45 @@ def quantity_partition(num_records: int, *, num_clients: int, beta: float, seed:
             for i in range(num_clients)]
 
 
+def short_clients(labels: np.ndarray, parts: list[np.ndarray], *, min_labels: int,
+                  min_per_label: int = MIN_LABEL_RECORDS) -> list[str]:
+    """Clients holding fewer than ``min_labels`` labels with ≥ ``min_per_label`` records."""
+    labels = np.asarray(labels)
+    short = []
+    for i, part in enumerate(parts):
+        _, counts = np.unique(labels[part], return_counts=True)
+        if int(np.sum(counts >= min_per_label)) < min_labels:
+            short.append(client_id(i))
+    return short
+
+
+def _redraw_seed(seed: int, draw: int) -> int:
+    """Draw 0 is the partition seed itself; later draws get independent derived seeds."""
+    if draw == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % (2**63), draw]).generate_state(1)[0])
+
+
 def partition_records(labels: np.ndarray, spec: PartitionSpec | str, *, num_clients: int,
-                      seed: int, min_records: int = 1) -> list[np.ndarray]:
+                      seed: int, min_records: int = 1,
+                      details: dict | None = None) -> list[np.ndarray]:
     """Split record indices 0..N−1 among clients according to ``spec``.
+
+    Args:
+        labels: One label per record.
+        spec: The partition (see the module docstring).
+        num_clients: Clients to split among.
+        seed: The public partition seed.
+        min_records: Records every client must hold.
+        details: If given, receives ``redraws`` (Dirichlet draws rejected by the label floor)
+            and the ``label_floor`` applied, for ``partition.json``.
 
     Returns:
         One sorted index array per client, disjoint and together complete.
 
     Raises:
-        ConfigError: Bad spec, too few records, or a client left below ``min_records``.
+        ConfigError: Bad spec, too few records, a client left below ``min_records``, or no
+            draw in :data:`MAX_DRAWS` meeting the label floor.
     """
     spec = PartitionSpec.parse(spec) if isinstance(spec, str) else spec
     labels = np.asarray(labels)
@@ -238,8 +295,24 @@ def partition_records(labels: np.ndarray, spec: PartitionSpec | str, *, num_clie
     if spec.kind == "iid":
         parts = iid_partition(len(labels), num_clients=num_clients, seed=seed)
     elif spec.kind == "dirichlet":
-        parts = dirichlet_partition(labels, num_clients=num_clients, alpha=spec.concentration,
-                                    seed=seed, min_records=min_records)
+        floor = spec.min_labels
+        if floor is not None and floor > len(np.unique(labels)):
+            raise ConfigError(f"partition={str(spec)!r}: a floor of {floor} labels per client "
+                              f"exceeds the {len(np.unique(labels))} labels of the data")
+        for draw in range(MAX_DRAWS if floor is not None else 1):
+            parts = dirichlet_partition(labels, num_clients=num_clients,
+                                        alpha=spec.concentration,
+                                        seed=_redraw_seed(seed, draw), min_records=min_records)
+            if floor is None or not short_clients(labels, parts, min_labels=floor):
+                break
+        else:
+            raise ConfigError(
+                f"partition={str(spec)!r}: no draw in {MAX_DRAWS} left every one of "
+                f"{num_clients} clients {floor} labels with ≥ {MIN_LABEL_RECORDS} records; "
+                "raise alpha, lower the floor, or use fewer clients")
+        if details is not None and floor is not None:
+            details.update(redraws=draw, label_floor={
+                "min_labels": floor, "min_records_per_label": MIN_LABEL_RECORDS})
     else:
         parts = quantity_partition(len(labels), num_clients=num_clients,
                                    beta=spec.concentration, seed=seed, min_records=min_records)

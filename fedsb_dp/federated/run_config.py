@@ -131,9 +131,9 @@ class RunConfig:
     response_column: str | None = setting(
         None, "causal-lm: response column (alone: a single text column, all of it trained)",
         unset="none")
-    dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' (offline), a CSV/JSON/Parquet "
-                           "file, a directory (datasets.save_to_disk, or data files), or a "
-                           "hub dataset name")
+    dataset: str = setting(DEFAULT_DATASET, "'rotten-tomatoes' or '20newsgroups' (offline), a "
+                           "CSV/JSON/Parquet file, a directory (datasets.save_to_disk, or data "
+                           "files), or a hub dataset name")
     dataset_config: str | None = setting(
         None, "configuration of a hub dataset with several (e.g. sst2 of nyu-mll/glue)",
         unset="none")
@@ -271,10 +271,15 @@ class RunConfig:
             raise SettingsConflict({"dp_level": self.dp_level, "method": self.method},
                                    "{dp_level} is implemented for method fedsb only, not "
                                    "{method}")
-        if method_class(self.method)[0].adapter == "lora" and self.init == "gradient-svd":
+        if method_class(self.method)[0].adapter != "lora-sb" and self.init == "gradient-svd":
             raise SettingsConflict({"init": self.init, "method": self.method},
-                                   "{init} builds LoRA-SB factors; {method} starts from "
-                                   "random A and B = 0 (drop the init setting)")
+                                   "{init} builds LoRA-SB factors; {method} has none (drop "
+                                   "the init setting)")
+        if self.method == "head-only" and not self.trains_head:
+            raise SettingsConflict({"method": self.method},
+                                   "{method} trains the classification head and nothing "
+                                   "else; it needs --task sequence-classification and a "
+                                   "trained head (drop --frozen-head)")
         if self.method_is_central and self.dp_level == "client":
             raise SettingsConflict({"method": self.method, "dp_level": self.dp_level},
                                    "{method} is a single pooled client; {dp_level} needs a "

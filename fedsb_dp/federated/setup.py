@@ -160,7 +160,7 @@ def inject(config: RunConfig, method: FederatedMethod, model: torch.nn.Module, *
     cases bit for bit, which is how Flower clients agree on B and A without receiving them.
     """
     targets = targets_of(config, model)
-    if method.adapter == "lora":
+    if method.adapter != "lora-sb":  # LoRA's random A, or no adapter at all (head-only)
         method.inject(model, targets, generator=torch.Generator().manual_seed(init_seed))
         _trained_in_float32(config, model)
         return
@@ -189,6 +189,7 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
     labels = data.train["label"].to_numpy()
     spec = PartitionSpec.parse(config.partition)
     values = None
+    details: dict[str, Any] = {}
     if config.method_is_central:
         parts = [np.arange(len(data.train))]
     elif spec.kind == "column":
@@ -204,7 +205,7 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
         # Non-IID splits must leave every client a full expected batch (q ≤ 1).
         parts = partition_records(
             labels, config.partition, num_clients=config.clients, seed=partition_seed,
-            min_records=1 if config.partition == "iid" else config.batch_size)
+            min_records=1 if config.partition == "iid" else config.batch_size, details=details)
     frames = client_frames(data.train, parts)
     if config.method_is_central:
         frames = {CENTRAL: frames[client_id(0)]}
@@ -217,7 +218,7 @@ def partition_frames(config: RunConfig, data: TextClassificationData, *,
             report[cid]["value"] = value.item() if hasattr(value, "item") else value
     return frames, {
         "spec": "pooled" if config.method_is_central else config.partition,
-        "seed": partition_seed, "clients": report,
+        "seed": partition_seed, "clients": report, **details,
         # Exact counts of private labels: operator-side diagnostics of the simulation,
         # never sent by a client (a Flower deployment has no such file).
         "privacy": "not a DP release: exact per-client label counts; do not publish with "

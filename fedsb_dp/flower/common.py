@@ -16,6 +16,10 @@ Wire format (every value a Flower record type, nothing pickled):
 * client → server, ``train``: ArrayRecord ``"arrays"`` (the client's R and head, nothing
   else) and ConfigRecord ``"privacy"`` (``client-id``, ``steps``, ``event`` as JSON,
   ``fingerprint``). No loss, no count, no metric computed on private records is sent.
+
+"R̄ and head" stands for the method's trainable state: LoRA factors for the LoRA baselines,
+and the head alone for ``head-only``, which injects no adapter (its ArrayRecords carry only
+the head's tensors, and it has no folded base).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from fedsb_dp.methods.fedit import FedIT
 from fedsb_dp.methods.fedsb import FedSB, pad_state, set_active_rank, truncate_state
 from fedsb_dp.methods.ffa_lora import FFALoRA
 from fedsb_dp.methods.flora import FLoRA
+from fedsb_dp.methods.head_only import HeadOnly
 
 METHODS: dict[str, tuple[type[FederatedMethod], bool]] = {
     "fedsb": (FedSB, False),
@@ -20,6 +21,7 @@ METHODS: dict[str, tuple[type[FederatedMethod], bool]] = {
     "flora": (FLoRA, False),
     "central-lora": (FedIT, True),
     "central-sb": (FedSB, True),
+    "head-only": (HeadOnly, False),
 }
 
 

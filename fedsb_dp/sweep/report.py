@@ -15,6 +15,7 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.partition import PartitionSpec
+from fedsb_dp.sweep.paired import HEAD_ONLY, paired_difference, paired_table
 from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
@@ -73,13 +74,27 @@ def _paired(frame, partition, eps, ours, theirs) -> str:
             + ", ".join(f"{g:+.2f}" for g in gaps))
 
 
+def _paired_verdict(frame, partition, eps, ours, theirs) -> str:
+    def by_seed(row):
+        cell = frame[(frame["partition"] == partition) & (frame["target_epsilon"] == eps)
+                     & (frame["method"] == row["method"]) & (frame["rank"] == row["rank"])]
+        return cell.groupby("seed")["test_accuracy"].mean().to_dict()
+
+    mine, rival = by_seed(ours), by_seed(theirs)
+    if not set(mine) & set(rival):
+        return "no shared seed"
+    return paired_difference(mine, rival).verdict
+
+
 def comparison(summary, frame=None):
     """Fed-SB (best rank) against the best baseline per partition and ε.
 
-    A difference within the larger of the two seed standard deviations is called a tie: with
-    three seeds nothing finer is supported. With a single seed on either side there is no
-    spread, and no verdict is given. With the per-run ``frame`` a ``paired_gaps``
-    column adds the gap seed by seed (the same seed means the same client split).
+    With the per-run ``frame`` the verdict comes from the paired 95 % t interval of the
+    per-seed gaps (:mod:`fedsb_dp.sweep.paired`): "not distinguishable" when it contains 0,
+    and a ``paired_gaps`` column lists the gap seed by seed (the same seed means the same
+    client split). Without it, a difference within the larger of the two seed standard
+    deviations is called a tie. With a single seed on either side there is no spread, and no
+    verdict is given. The head-only baseline is not a rival here (see :func:`paired_table`).
 
     Args:
         summary: The output of :func:`aggregate`.
@@ -96,7 +111,8 @@ def comparison(summary, frame=None):
             federated.groupby(["partition", "target_epsilon"], sort=True),
             key=lambda item: (partition_key(item[0][0]), item[0][1])):
         ours = group[group["method"] == "fedsb"]
-        theirs = group[group["method"] != "fedsb"]
+        # The head alone is a reference, not an adapter baseline (see paired_table).
+        theirs = group[~group["method"].isin(["fedsb", HEAD_ONLY])]
         if ours.empty or theirs.empty:
             continue
         best = ours.loc[ours["accuracy_mean"].idxmax()]
@@ -105,6 +121,8 @@ def comparison(summary, frame=None):
         spread = max(best["accuracy_std"], rival["accuracy_std"])
         if min(best["seeds"], rival["seeds"]) < 2:
             verdict = "one seed: no spread to judge by"  # a gap of 1 record is not a win
+        elif frame is not None:  # paired by seed: no verdict unless the 95 % t-CI excludes 0
+            verdict = _paired_verdict(frame, partition, eps, best, rival)
         else:
             verdict = "tie" if abs(gap) <= spread else ("Fed-SB ahead" if gap > 0 else
                                                         "Fed-SB behind")
@@ -263,7 +281,7 @@ def _html_table(frame, columns: list[str]) -> str:
 
 
 #: Column order of the accuracy grid: Fed-SB first, then the baselines, as in the paper.
-METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
+METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora", "head-only")
 
 
 def _method_key(method: str) -> tuple[int, str]:
@@ -352,6 +370,14 @@ def _gather(path: str, merge: Sequence[str]):
     return combined.sort_values(ROW_ORDER, kind="stable").reset_index(drop=True)
 
 
+PAIRED_NOTE = (
+    "Per (dataset, clients, partition, ε): the best Fed-SB rank minus head-only, and minus "
+    "the most accurate adapter baseline, paired by seed (a seed fixes the split and the "
+    "noise). difference = mean [95 % Student-t interval] (n paired seeds); the verdict is "
+    "'not distinguishable' whenever the interval contains 0. The best rank and the best "
+    "baseline are picked on the same test accuracies, which favours them.")
+
+
 def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     """Regenerate results.csv, the plots, report.md and report.html for ``path``.
 
@@ -381,6 +407,7 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     grid = accuracy_grid(summary)
     versus = comparison(summary, frame)
     versus_columns = list(versus.columns)
+    paired = paired_table(frame)
     mixed = mixed_settings(frame)
     over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
     md = [
@@ -402,6 +429,9 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
            "tie; bytes_ratio = the baseline's total traffic / Fed-SB's; paired_gaps = the "
            "gap seed by seed (a seed fixes the client split), on the seeds both ran.", "",
            markdown_table(versus, versus_columns), ""] if not versus.empty else []),
+        *(["## Paired differences (Fed-SB − rival, accuracy points)", "",
+           PAIRED_NOTE, "", markdown_table(paired, list(paired.columns)), ""]
+          if not paired.empty else []),
         *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots], "",
     ]
     md_path = os.path.join(path, "report.md")
@@ -424,6 +454,9 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
             + "<h2>Every grid point</h2>" + _html_table(summary, COLUMNS)
             + ("<h2>Fed-SB against the best baseline</h2>"
                + _html_table(versus, versus_columns) if not versus.empty else "")
+            + ("<h2>Paired differences (Fed-SB − rival, accuracy points)</h2><p>"
+               + html.escape(PAIRED_NOTE) + "</p>" + _html_table(paired, list(paired.columns))
+               if not paired.empty else "")
             + "".join(images) + "</body></html>")
     html_path = os.path.join(path, "report.html")
     with open(html_path, "w", encoding="utf-8") as fh:

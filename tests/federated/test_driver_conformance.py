@@ -33,6 +33,7 @@ CASES = {
     "ffa-lora": {"method": "ffa-lora"},
     "fedex-lora": {"method": "fedex-lora"},
     "flora": {"method": "flora"},
+    "head-only": {"method": "head-only"},
     "rank-heterogeneous": {"client_ranks": (2, 4)},
     "client-level": {"dp_level": "client", "epsilon": 30.0},
 }

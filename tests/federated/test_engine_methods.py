@@ -32,7 +32,8 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("methods")
-    return {m: _run(base, m) for m in ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora")}
+    return {m: _run(base, m) for m in ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora",
+                                       "head-only")}
 
 
 def test_same_sigma_and_epsilon_for_every_method(runs):
@@ -54,6 +55,7 @@ def test_trainable_parameter_counts(runs):
     assert d["fedsb"] == LAYERS * r * r + HEAD
     assert d["fedit"] == d["fedex-lora"] == d["flora"] == LAYERS * r * (384 + 384) + HEAD
     assert d["ffa-lora"] == LAYERS * r * 384 + HEAD
+    assert d["head-only"] == HEAD
 
 
 def test_measured_traffic_per_client_per_round(runs):
@@ -72,6 +74,13 @@ def test_measured_traffic_per_client_per_round(runs):
     assert per_round["flora"] > 2 * per_round["fedit"] - 4 * HEAD
     assert runs["fedsb"].summary["bytes_setup"] > 0  # the one-time B/A broadcast
     assert runs["fedit"].summary["bytes_setup"] == 0
+    # Head-only: no adapter, no broadcast; each message is the float32 head (plus the
+    # safetensors header), the same both ways and for every client.
+    assert runs["head-only"].summary["bytes_setup"] == 0
+    for m in _metrics(runs["head-only"].run_dir):
+        (up,) = set(m["bytes_up_by_client"].values())
+        assert set(m["bytes_down_by_client"].values()) == {up}
+        assert 4 * HEAD < up < 4 * HEAD + 512
 
 
 def test_partition_report_written(runs):
@@ -107,6 +116,17 @@ def test_central_reference_is_one_pooled_client(tmp_path):
     assert ledger.clients == ["central"]
 
 
+def test_head_only_runs_non_privately(tmp_path):
+    """ε = ∞ (a sweep's reference column) with no adapter at all: only the head moves."""
+    config = RunConfig(**{**SMALL, "no_dp": True, "method": "head-only", "rounds": 1,
+                          "local_steps": 1, "out": str(tmp_path / "h")})
+    result = run_federation(config, progress=False)
+    assert result.status == "completed" and result.summary["noise_multiplier"] == 0.0
+    assert result.summary["trainable_parameters"] == HEAD
+    per_client = result.summary["bytes_up"] / 3
+    assert 4 * HEAD < per_client < 4 * HEAD + 512  # the float32 head and its header
+
+
 def test_rank_heterogeneous_fedsb_run(tmp_path):
     result = _run(tmp_path, "fedsb", client_ranks=(1, 2, 4), rounds=1)
     up = _metrics(result.run_dir)[0]["bytes_up_by_client"]
@@ -120,7 +140,9 @@ def test_rank_heterogeneous_fedsb_run(tmp_path):
     ({"client_ranks": (1, 2, 8)}, "client rank 8 .* must be an integer in 1..4"),
     ({"client_ranks": (1, 2)}, "has 2 entries for clients=3"),
     ({"client_ranks": (1, 2, 4), "method": "fedit"}, "need method='fedsb'"),
-    ({"method": "ffa-lora", "init": "gradient-svd"}, "starts from random A"),
+    ({"method": "ffa-lora", "init": "gradient-svd"}, "builds LoRA-SB factors"),
+    ({"method": "head-only", "init": "gradient-svd"}, "has none"),
+    ({"method": "head-only", "train_head": False}, "needs --task sequence-classification"),
     ({"method": "central-lora", "partition": "dirichlet:0.3"}, "pooled data"),
 ])
 def test_bad_method_settings(tmp_path, overrides, message):

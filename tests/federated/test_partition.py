@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.federated.partition import PartitionSpec, partition_records, partition_report
+from fedsb_dp.federated.partition import (
+    MIN_LABEL_RECORDS,
+    PartitionSpec,
+    partition_records,
+    partition_report,
+    short_clients,
+)
 
 LABELS = np.array([0] * 600 + [1] * 400)[np.random.default_rng(0).permutation(1000)]
 
@@ -69,3 +75,55 @@ def test_a_client_left_too_small_is_a_clear_error():
         partition_records(LABELS, "dirichlet:0.05", num_clients=3, seed=0, min_records=300)
     with pytest.raises(ConfigError, match="exceeds the 1000 training records"):
         partition_records(LABELS, "iid", num_clients=3, seed=0, min_records=400)
+
+
+def _first_degenerate_seed(labels, spec, clients, min_labels):
+    for seed in range(50):
+        parts = partition_records(labels, spec, num_clients=clients, seed=seed, min_records=8)
+        if short_clients(labels, parts, min_labels=min_labels):
+            return seed, parts
+    raise AssertionError("no degenerate draw among 50 seeds")
+
+
+def test_a_label_floor_redraws_degenerate_dirichlet_splits():
+    labels = np.repeat(np.arange(4), 150)
+    seed, plain = _first_degenerate_seed(labels, "dirichlet:0.1", 3, min_labels=2)
+    details = {}
+    parts = partition_records(labels, "dirichlet:0.1:2", num_clients=3, seed=seed,
+                              min_records=8, details=details)
+    assert short_clients(labels, parts, min_labels=2) == []
+    for part in parts:  # every client: ≥ 2 labels with ≥ MIN_LABEL_RECORDS records
+        counts = np.bincount(labels[part], minlength=4)
+        assert (counts >= MIN_LABEL_RECORDS).sum() >= 2
+    assert details["redraws"] >= 1
+    assert details["label_floor"] == {"min_labels": 2, "min_records_per_label": 10}
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(labels)))
+    again = partition_records(labels, "dirichlet:0.1:2", num_clients=3, seed=seed, min_records=8)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, plain, strict=True))
+
+
+def test_a_draw_meeting_the_floor_is_the_plain_split():
+    labels = np.repeat(np.arange(4), 150)
+    details = {}
+    plain = partition_records(labels, "dirichlet:5", num_clients=3, seed=1, min_records=8)
+    floored = partition_records(labels, "dirichlet:5:2", num_clients=3, seed=1, min_records=8,
+                                details=details)
+    assert details["redraws"] == 0
+    assert all(np.array_equal(a, b) for a, b in zip(plain, floored, strict=True))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("dirichlet:0.3:0", "integer ≥ 1"), ("dirichlet:0.3:x", "integer ≥ 1"),
+    ("quantity:0.5:2", "label floor"), ("iid:2", "takes no parameter"),
+])
+def test_bad_label_floors(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        PartitionSpec.parse(spec)
+
+
+def test_an_unreachable_floor_is_a_clear_error():
+    labels = np.repeat(np.arange(3), 100)
+    with pytest.raises(ConfigError, match="exceeds the 3 labels"):
+        partition_records(labels, "dirichlet:0.3:4", num_clients=2, seed=0, min_records=8)
+    assert str(PartitionSpec.parse("dirichlet:0.30:2")) == "dirichlet:0.3:2"

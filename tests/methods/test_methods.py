@@ -13,22 +13,29 @@ import pytest
 import torch
 
 from conftest import tiny_bert
-from fedsb_dp.adapters import find_target_modules, random_orthonormal_init, trainable_state
+from fedsb_dp.adapters import (
+    find_target_modules,
+    frozen_fingerprint,
+    random_orthonormal_init,
+    trainable_state,
+)
 from fedsb_dp.adapters.export import set_trainable_state
 from fedsb_dp.adapters.lora import LoRALinear, lora_layers
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.methods import (
     METHODS,
     FedSB,
+    adapted_layers,
     effective_weights,
     method_class,
     pad_state,
     set_active_rank,
     truncate_state,
 )
+from fedsb_dp.methods.head_only import HeadOnly
 
-FEDERATED = ["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora"]
-EXACT = ["fedsb", "ffa-lora", "fedex-lora", "flora"]
+FEDERATED = ["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "head-only"]
+EXACT = ["fedsb", "ffa-lora", "fedex-lora", "flora", "head-only"]
 RANK = 4
 
 
@@ -49,12 +56,6 @@ def _client_states(model, count: int, seed: int = 1):
              for k, v in start.items()} for _ in range(count)]
 
 
-def _client_weights(model, state):
-    clone = copy.deepcopy(model)
-    set_trainable_state(clone, state)
-    return effective_weights(clone)
-
-
 def _aggregate_weights(model, method, states, weights=None, seed=7):
     server = copy.deepcopy(model)
     start = trainable_state(server)
@@ -64,13 +65,27 @@ def _aggregate_weights(model, method, states, weights=None, seed=7):
     return server, result
 
 
+def _model_weights(model):
+    """Every weight the model computes with: adapted layers' W0 + ΔW and the trained head.
+
+    The head is included so that head-only, which has no adapted layer, is checked too.
+    """
+    out = effective_weights(model)
+    out.update({f"trained:{k}": v for k, v in trainable_state(model).items()
+                if "classifier" in k})
+    return out
+
+
 def _max_error(server, states, weights, model):
     total = float(sum(weights))
     expected = {}
     for state, w in zip(states, weights, strict=True):
-        for name, W in _client_weights(model, state).items():
+        clone = copy.deepcopy(model)
+        set_trainable_state(clone, state)
+        for name, W in _model_weights(clone).items():
             expected[name] = expected.get(name, 0) + (w / total) * W
-    actual = effective_weights(server)
+    actual = _model_weights(server)
+    assert set(actual) == set(expected) and actual
     return max((actual[n] - expected[n]).abs().max().item() for n in expected)
 
 
@@ -110,7 +125,7 @@ def test_client_order_does_not_matter(name):
     weights = [1.0, 2.0, 3.0]
     first, _ = _aggregate_weights(model, method, states, weights)
     second, _ = _aggregate_weights(model, method, states[::-1], weights[::-1])
-    a, b = effective_weights(first), effective_weights(second)
+    a, b = _model_weights(first), _model_weights(second)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12)
 
@@ -142,6 +157,7 @@ def test_trainable_sets_by_method():
         "ffa-lora": {"lora_B.weight"},
         "fedex-lora": {"lora_A.weight", "lora_B.weight"},
         "flora": {"lora_A.weight", "lora_B.weight"},
+        "head-only": set(),
     }
     for name, kinds in expectations.items():
         model, _ = _model(name)
@@ -237,11 +253,29 @@ def test_heterogeneous_ranks_above_the_global_rank_are_refused():
         pad_state(big, trainable_state(model))
 
 
+def test_head_only_trains_the_head_and_nothing_else():
+    model, method = _model("head-only")
+    assert adapted_layers(model) == {}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"classifier.weight", "classifier.bias"}
+    assert method.setup_payload(model) == {}  # nothing to broadcast before round 1
+    states = _client_states(model, 3)
+    server, result = _aggregate_weights(model, method, states)
+    assert set(result.downlink) == trained and not result.base_updates
+    # The rest of the model is untouched by aggregation.
+    assert frozen_fingerprint(server, scope="all") == frozen_fingerprint(model, scope="all")
+
+
+def test_head_only_refuses_a_frozen_head():
+    with pytest.raises(ConfigError, match="needs train_head=True"):
+        HeadOnly(rank=RANK, train_head=False)
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ConfigError, match="'fedavg' is not one of"):
         method_class("fedavg")
     assert set(METHODS) >= {"fedsb", "fedit", "ffa-lora", "fedex-lora", "flora",
-                            "central-lora", "central-sb"}
+                            "central-lora", "central-sb", "head-only"}
 
 
 def test_fedsb_refuses_missing_factors():
