@@ -105,7 +105,7 @@ class PartitionSpec:
         if kind != "dirichlet" or not floor.isdigit() or int(floor) < 1:
             raise ConfigError(f"partition={spec!r}: a label floor is 'dirichlet:<alpha>:<m>' "
                               "with m an integer ≥ 1 (labels each client keeps)")
-        return cls(kind, concentration, int(floor))
+        return cls(kind, concentration, min_labels=int(floor))
 
     def __str__(self) -> str:
         if self.kind == "column":
