@@ -30,7 +30,7 @@ from torch import nn
 
 from accounting.events import PoissonSampledDpEvent, sampled_gaussian_event
 from fedsb_dp.adapters.export import set_trainable_state
-from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
+from fedsb_dp.adapters.inject import frozen_fingerprint, train_only, trainable_state
 from fedsb_dp.devices import device_of, to_device
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.losses import example_losses
@@ -374,12 +374,14 @@ def train_instruction(
     index, t = instruction.stream_index, instruction.round_index
     set_active_rank(model, instruction.rank)
     try:
-        update = client.train_round(
-            private_model, start, instruction.local,
-            # Opacus draws the noise on the parameters' device, with this generator.
-            noise_generator=streams.torch("noise", t, index, device=device_of(model)),
-            sampling_generator=streams.torch("poisson", t, index),
-            dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
+        # The client trains exactly what it was sent (RoLoRA: one factor, the other frozen).
+        with train_only(model, instruction.state):
+            update = client.train_round(
+                private_model, start, instruction.local,
+                # Opacus draws the noise on the parameters' device, with this generator.
+                noise_generator=streams.torch("noise", t, index, device=device_of(model)),
+                sampling_generator=streams.torch("poisson", t, index),
+                dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
     finally:
         set_active_rank(model, None)
     if instruction.rank is None:
