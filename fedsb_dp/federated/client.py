@@ -344,6 +344,22 @@ class DPClient:
             )
 
 
+def _hook_trainable_modules(private_model: nn.Module) -> None:
+    """Re-attach Opacus' per-sample-gradient hooks to the modules that train now.
+
+    Opacus hooks the modules holding trainable parameters when it wraps the model; a module
+    frozen since (RoLoRA's idle factor) would still receive backward hooks without captured
+    activations, which Opacus refuses. Re-hooking is cheap and changes nothing when the
+    trainable set is the one the model was wrapped with.
+    """
+    if not hasattr(private_model, "add_hooks"):
+        return
+    private_model.remove_hooks()
+    private_model.add_hooks(loss_reduction=private_model.loss_reduction,
+                            batch_first=private_model.batch_first,
+                            force_functorch=private_model.force_functorch)
+
+
 def train_instruction(
     client: DPClient,
     private_model: nn.Module,
@@ -376,6 +392,7 @@ def train_instruction(
     try:
         # The client trains exactly what it was sent (RoLoRA: one factor, the other frozen).
         with train_only(model, instruction.state):
+            _hook_trainable_modules(private_model)
             update = client.train_round(
                 private_model, start, instruction.local,
                 # Opacus draws the noise on the parameters' device, with this generator.

@@ -33,6 +33,8 @@ CASES = {
     "ffa-lora": {"method": "ffa-lora"},
     "fedex-lora": {"method": "fedex-lora"},
     "flora": {"method": "flora"},
+    "fedsvd": {"method": "fedsvd"},  # the new A travels in the base record every round
+    "rolora": {"method": "rolora"},  # round 1 trains B, round 2 A: both phases
     "rank-heterogeneous": {"client_ranks": (2, 4)},
     "client-level": {"dp_level": "client", "epsilon": 30.0},
 }
