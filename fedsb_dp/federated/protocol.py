@@ -313,7 +313,9 @@ class RoundProtocol:
             raise FedSBError("the model has no trainable adapter after initialisation")
         method.save_adapter(model, os.path.join(out, rd.INIT_ADAPTER), sb_config(config),
                             base_model=config.model)
+        method.begin_round(model, 0)  # round 1's trainable set is what travels first
         initial = trainable_state(model)
+        method.end_round(model)
         fingerprint = frozen_fingerprint(model)
         progress = {
             "completed_rounds": 0, "aggregated_rounds": 0, "failed_rounds": [],
