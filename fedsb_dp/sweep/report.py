@@ -261,7 +261,7 @@ def _html_table(frame, columns: list[str]) -> str:
 
 
 #: Column order of the accuracy grid: Fed-SB first, then the baselines, as in the paper.
-METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
+METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora", "fedsvd", "rolora")
 
 
 def _method_key(method: str) -> tuple[int, str]:
