@@ -40,7 +40,7 @@ from fedsb_dp.losses import example_losses
 from fedsb_dp.methods import effective_weights, method_class
 from fedsb_dp.models import SEQUENCE_CLASSIFICATION, load_model
 
-METHODS = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora")
+METHODS = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora", "fedsvd", "rolora")
 
 
 def _build(method_name: str, rank: int, scaling: float):
@@ -54,6 +54,7 @@ def _build(method_name: str, rank: int, scaling: float):
     targets = find_target_modules(model, default_targets("bert"), rank=rank)
     factors = w0_svd_init(targets, rank=rank).factors if cls.adapter == "lora-sb" else None
     method.inject(model, targets, generator=torch.Generator().manual_seed(0), factors=factors)
+    method.begin_round(model, 0)  # RoLoRA's first round (B); a no-op for the others
     return loaded, model.train(), method
 
 

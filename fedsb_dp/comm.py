@@ -12,7 +12,13 @@ fedit      Σ r(m+n)                       Σ r(m+n)
 ffa-lora   Σ r·m  (B only)                Σ r·m
 fedex-lora Σ r(m+n)                       Σ r(m+n) + residual: min((c+1)·r(m+n), m·n) per layer
 flora      Σ r(m+n)                       c·Σ r(m+n)  (stacked factors)
+fedsvd     Σ r·m  (B only)                Σ r(m+n)  (B̄ and the re-factorised A)
+rolora     ½Σ r(m+n)  (B or A, in turn)   ½Σ r(m+n)  (the averaged factor)
 ========== ============================== ================================================
+
+RoLoRA's rows are the mean of its two kinds of round (Σ r·m in B rounds, Σ r·n in A rounds).
+FedSVD and RoLoRA postdate the Fed-SB paper; their ``paper_params`` are our own counts
+(FedSVD: its downlink, the larger way; RoLoRA: its per-round mean).
 
 The paper's convention (``paper_params``) counts FFA-LoRA as ½Σ r(m+n) and FedEx-LoRA/FLoRA as
 c·Σ r(m+n); both are printed so the figures can be compared with the paper's (docs/benchmarks.md,
@@ -29,7 +35,7 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 
-COMM_METHODS = ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora")
+COMM_METHODS = ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "fedsvd", "rolora")
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,11 @@ def method_traffic(shapes: AdaptedShapes, method: str, *, rank: int, clients: in
         down = up + sum(min((clients + 1) * rank * (m + n), m * n)
                         for m, n in shapes.layers.values())
         paper = clients * (lora + head)
+    elif method == "fedsvd":
+        up = sum(rank * m for m, _ in shapes.layers.values()) + head
+        down = paper = lora + head
+    elif method == "rolora":
+        up = down = paper = lora // 2 + head
     else:  # flora
         up = lora + head
         down = clients * lora + head

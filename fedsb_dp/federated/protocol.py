@@ -348,7 +348,9 @@ class RoundProtocol:
             raise FedSBError("the model has no trainable adapter after initialisation")
         method.save_adapter(model, os.path.join(out, rd.INIT_ADAPTER), sb_config(config),
                             base_model=config.model)
+        method.begin_round(model, 0)  # round 1's trainable set is what travels first
         initial = trainable_state(model)
+        method.end_round(model)
         fingerprint = frozen_fingerprint(model)
         progress = {
             "completed_rounds": 0, "aggregated_rounds": 0, "failed_rounds": [],
@@ -447,14 +449,18 @@ class RoundProtocol:
             logger.warning("stopping before round %d: %s", t + 1, exc)
             return None
         self.ledger.save(self.path(rd.LEDGER))
+        # An alternating method (RoLoRA) picks this round's factor; the fingerprint then
+        # covers the factor it holds fixed (for every other method it is the saved one).
+        self.method.begin_round(self.model, t)
         global_state = trainable_state(self.model)
+        fingerprint = frozen_fingerprint(self.model)
         instructions = {
             cid: Instruction(client_id=cid, stream_index=self.client_ids.index(cid),
                              round_index=t, local=local_config(
                                  self.config, self.unit.local_noise(sigma_of(noise, cid))),
                              rank=self._rank(self.config, cid, self.client_ids),
                              state=self._sent(self.config, global_state, cid, self.client_ids),
-                             fingerprint=self.progress["fingerprint"])
+                             fingerprint=fingerprint)
             for cid in participants}
         return RoundTicket(round_index=t, participants=participants,
                            instructions=instructions, events=events, token=token,
@@ -537,6 +543,8 @@ class RoundProtocol:
             self.method.apply(self.model, aggregate)
             ticket.downlink = aggregate.downlink
             outcome.aggregated = True
+        # Checkpoints, fingerprints and adapters hold every factor, whatever trained.
+        self.method.end_round(self.model)
         # Instructions went out to every participant: their steps count either way.
         self.guard.commit(ticket.token)
         self.ledger.save(self.path(rd.LEDGER))

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from opacus import GradSampleModule
 
 from fedsb_dp.adapters import frozen_fingerprint
+from fedsb_dp.adapters.inject import train_only
 from fedsb_dp.errors import AdapterMismatchError, ConfigError
 from fedsb_dp.federated.client import DPClient, train_instruction
 from fedsb_dp.federated.node_policy import NodePrivacyPolicy, NodeRefusalError, NodeReservation
@@ -118,16 +119,19 @@ def handle_train(message: Message, context: Context) -> Message:
         raise ConfigError(f"the server addressed {instruction.client_id!r}, this node "
                           f"holds {client.client_id!r}")
     load_base(loaded.model, base)
-    fingerprint = frozen_fingerprint(loaded.model)
-    if instruction.fingerprint != fingerprint:
-        raise AdapterMismatchError(
-            f"{client.client_id}: the server's frozen tensors {instruction.fingerprint[:16]}… "
-            f"differ from this node's {fingerprint[:16]}…")
-    reservation = _admit(setup, instruction, content, context, client)
-    # The run's named streams at this client's index: a seeded run draws what the in-process
-    # engine draws; unseeded, every stream comes from this node's OS entropy.
-    update = train_instruction(client, private_model, instruction,
-                               RandomStreams(setup.config.seed))
+    # What trains is what the server sent (RoLoRA freezes one factor per round), so the
+    # fingerprint of the frozen tensors is taken with the round's trainable set.
+    with train_only(loaded.model, instruction.state):
+        fingerprint = frozen_fingerprint(loaded.model)
+        if instruction.fingerprint != fingerprint:
+            raise AdapterMismatchError(
+                f"{client.client_id}: the server's frozen tensors "
+                f"{instruction.fingerprint[:16]}… differ from this node's {fingerprint[:16]}…")
+        reservation = _admit(setup, instruction, content, context, client)
+        # The run's named streams at this client's index: a seeded run draws what the
+        # in-process engine draws; unseeded, every stream comes from this node's OS entropy.
+        update = train_instruction(client, private_model, instruction,
+                                   RandomStreams(setup.config.seed))
     if reservation is not None:
         NodePrivacyPolicy.commit(reservation)
     return Message(RecordDict(update_to_records(update)), reply_to=message)

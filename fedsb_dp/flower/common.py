@@ -8,8 +8,9 @@ Wire format (every value a Flower record type, nothing pickled):
   :class:`~fedsb_dp.federated.protocol.Instruction`: ``round``, ``client-id``,
   ``stream-index``, ``rank``, ``fingerprint`` and the local DP-SGD settings ``local-*``, σ
   included), ArrayRecord ``"arrays"`` (the state it starts from: R̄ and head, truncated to the
-  client's rank) and, for FedEx-LoRA and FLoRA, ArrayRecord ``"base"`` (the folded base
-  weights, so a node that missed a round or restarted stays bit-identical).
+  client's rank; RoLoRA: only the factor trained this round) and, for FedEx-LoRA and FLoRA,
+  ArrayRecord ``"base"`` (the folded base weights, so a node that missed a round or
+  restarted stays bit-identical; FedSVD: the re-factorised A; RoLoRA: the frozen factor).
 * client → server, ``query``: ConfigRecord ``"client"`` (``client-id``, ``num-records``,
   ``fingerprint``). Nᵢ is public in this project: it sets qᵢ = b/Nᵢ, which the server needs to
   calibrate σ, exactly as in the in-process engine.

@@ -9,9 +9,11 @@ from fedsb_dp.methods.base import Aggregate, FederatedMethod, adapted_layers, ef
 from fedsb_dp.methods.fedex_lora import FedExLoRA
 from fedsb_dp.methods.fedit import FedIT
 from fedsb_dp.methods.fedsb import FedSB, pad_state, set_active_rank, truncate_state
+from fedsb_dp.methods.fedsvd import FedSVD
 from fedsb_dp.methods.ffa_lora import FFALoRA
 from fedsb_dp.methods.flora import FLoRA
 from fedsb_dp.methods.head_only import HeadOnly
+from fedsb_dp.methods.rolora import RoLoRA
 
 METHODS: dict[str, tuple[type[FederatedMethod], bool]] = {
     "fedsb": (FedSB, False),
@@ -19,6 +21,8 @@ METHODS: dict[str, tuple[type[FederatedMethod], bool]] = {
     "ffa-lora": (FFALoRA, False),
     "fedex-lora": (FedExLoRA, False),
     "flora": (FLoRA, False),
+    "fedsvd": (FedSVD, False),
+    "rolora": (RoLoRA, False),
     "central-lora": (FedIT, True),
     "central-sb": (FedSB, True),
     "head-only": (HeadOnly, False),
@@ -38,7 +42,8 @@ def method_class(name: str) -> tuple[type[FederatedMethod], bool]:
 
 
 __all__ = [
-    "METHODS", "Aggregate", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSB", "FederatedMethod",
+    "METHODS", "Aggregate", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSB", "FedSVD",
+    "FederatedMethod", "RoLoRA",
     "adapted_layers", "effective_weights", "method_class", "pad_state", "set_active_rank",
     "truncate_state",
 ]

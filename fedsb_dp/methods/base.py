@@ -162,6 +162,19 @@ class FederatedMethod(ABC):
             layers[name].fold_into_base(delta)
         set_trainable_state(model, aggregate.state)
 
+    def begin_round(self, model: nn.Module, round_index: int) -> None:
+        """Set which tensors train in round ``round_index`` (0-based); a no-op by default.
+
+        Alternating methods (RoLoRA) train one factor per round. The server calls this
+        before it reads the round's global state; clients train exactly the tensors their
+        instruction carries (:func:`fedsb_dp.adapters.inject.train_only`).
+        """
+        del model, round_index
+
+    def end_round(self, model: nn.Module) -> None:
+        """Undo :meth:`begin_round` (checkpoints and adapters hold every factor)."""
+        del model
+
     def setup_payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Frozen adapter tensors every client must receive once, before round 1."""
         del model
@@ -177,21 +190,27 @@ class FederatedMethod(ABC):
         return {}
 
     def shared_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Base weights this method changes, which a stateless client must receive."""
+        """Frozen tensors this method changes, which a stateless client must receive.
+
+        The folded base weights of FedEx-LoRA and FLoRA; FedSVD's re-factorised A; the
+        factor RoLoRA holds fixed this round.
+        """
         return adapted_base_weights(model) if self.folds_base else {}
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The global state after a round: trainable tensors, plus folded bases if any."""
+        """The global state after a round: trainable tensors, plus changed frozen ones."""
         tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
-        if self.folds_base:
-            tensors.update(adapted_base_weights(model))
+        tensors.update({k: v.detach().to("cpu").contiguous()
+                        for k, v in self.shared_base(model).items()})
         return tensors
 
     def restore(self, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load what :meth:`checkpoint_tensors` returned (all or nothing)."""
-        base = {k: v for k, v in tensors.items() if k.endswith(BASE_SUFFIX)}
-        load_tensors(model, base)
-        set_trainable_state(model, {k: v for k, v in tensors.items() if k not in base})
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        frozen = {k: v for k, v in tensors.items()
+                  if k.endswith(BASE_SUFFIX) or k not in trainable}
+        load_tensors(model, frozen)
+        set_trainable_state(model, {k: v for k, v in tensors.items() if k not in frozen})
 
     def save_adapter(self, model: nn.Module, directory: str, sb: SBConfig, *,
                      base_model: str) -> None:

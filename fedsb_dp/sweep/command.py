@@ -140,7 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sweep directory (rerun to resume; rerun with more ε, methods, "
                              "ranks, partitions or seeds and the same settings to extend it)")
     parser.add_argument("--epsilons", help="e.g. 1,3,8,inf")
-    parser.add_argument("--methods", help="e.g. fedsb,ffa-lora,fedit,fedex-lora,flora")
+    parser.add_argument("--methods",
+                        help="e.g. fedsb,ffa-lora,fedit,fedex-lora,flora,fedsvd,rolora")
     parser.add_argument("--ranks", help="ranks of every method, e.g. 16,32")
     parser.add_argument("--fedsb-ranks", help="Fed-SB's own ranks, e.g. 16,32,64")
     parser.add_argument("--partitions", help="e.g. iid,dirichlet:0.3")

@@ -281,7 +281,8 @@ def _html_table(frame, columns: list[str]) -> str:
 
 
 #: Column order of the accuracy grid: Fed-SB first, then the baselines, as in the paper.
-METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora", "head-only")
+METHOD_ORDER = ("fedsb", "ffa-lora", "fedit", "fedex-lora", "flora", "fedsvd", "rolora",
+                "head-only")
 
 
 def _method_key(method: str) -> tuple[int, str]:

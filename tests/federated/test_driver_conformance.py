@@ -34,6 +34,8 @@ CASES = {
     "fedex-lora": {"method": "fedex-lora"},
     "flora": {"method": "flora"},
     "head-only": {"method": "head-only"},
+    "fedsvd": {"method": "fedsvd"},  # the new A travels in the base record every round
+    "rolora": {"method": "rolora"},  # round 1 trains B, round 2 A: both phases
     "rank-heterogeneous": {"client_ranks": (2, 4)},
     "client-level": {"dp_level": "client", "epsilon": 30.0},
 }

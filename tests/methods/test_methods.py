@@ -1,8 +1,9 @@
 """Aggregator conformance suite: one interface, the same properties for every method.
 
 Exactness means: the global model's effective weights W0 + ΔW after aggregation equal the
-weighted mean of the clients' effective weights. Fed-SB, FFA-LoRA, FedEx-LoRA and FLoRA must
-be exact; FedIT must be shown not to be.
+weighted mean of the clients' effective weights. Fed-SB, FFA-LoRA, FedEx-LoRA, FLoRA, FedSVD
+and RoLoRA (here in its first round, B; its A rounds in test_fedsvd_rolora.py) must be exact;
+FedIT must be shown not to be.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from fedsb_dp.methods import (
 )
 from fedsb_dp.methods.head_only import HeadOnly
 
-FEDERATED = ["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "head-only"]
-EXACT = ["fedsb", "ffa-lora", "fedex-lora", "flora", "head-only"]
+FEDERATED = ["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "fedsvd", "rolora", "head-only"]
+EXACT = ["fedsb", "ffa-lora", "fedex-lora", "flora", "fedsvd", "rolora", "head-only"]
 RANK = 4
 
 
@@ -46,6 +47,7 @@ def _model(name: str, seed: int = 0):
     targets = find_target_modules(model, ("query", "value"), rank=RANK)
     factors = random_orthonormal_init(targets, rank=RANK, seed=seed).factors
     method.inject(model, targets, generator=torch.Generator().manual_seed(seed), factors=factors)
+    method.begin_round(model, 0)  # RoLoRA's first round trains B; a no-op for the others
     return model, method
 
 
@@ -158,6 +160,8 @@ def test_trainable_sets_by_method():
         "fedex-lora": {"lora_A.weight", "lora_B.weight"},
         "flora": {"lora_A.weight", "lora_B.weight"},
         "head-only": set(),
+        "fedsvd": {"lora_B.weight"},
+        "rolora": {"lora_B.weight"},  # round 1; round 2 trains A (test_rolora_methods)
     }
     for name, kinds in expectations.items():
         model, _ = _model(name)
