@@ -11,20 +11,25 @@ def audit_command(args: argparse.Namespace) -> int:
     """Audit a run or sweep directory; with ``--empirical`` also audit the run's DP step.
 
     The empirical part runs the step-level audit of the client's clip + noise step at the run's
-    σ and clip norm (q = 1, 1e5 draws per world): it checks the code that produced the run,
-    not the run's records. It audits the record-level step only, so it is refused for a
-    client-level run (whose mechanism is the server's clip of ΔRᵢ and noise on their sum).
+    σ and clip norm (q = 1, 1e5 draws per world), with the records' gradients from the run's
+    own task loss (a classifier's, or a causal LM's response-token loss): it checks the code
+    that produced the run, not the run's records. It audits the record-level step only, so it
+    is refused for a client-level run (whose mechanism is the server's clip of ΔRᵢ and noise
+    on their sum).
 
     Returns:
         0 when every check passes, 1 otherwise (2 for unreadable input, via the caller).
 
     Raises:
-        ConfigError: ``--empirical`` on a client-level run (before anything is printed).
+        ConfigError: ``--empirical`` on a client-level run, or on a run whose task is unknown
+            (before anything is printed).
     """
     from accounting.audit import audit_sweep, is_run_dir
 
+    task = None
     if args.empirical and is_run_dir(args.run_dir):
         _refuse_client_level(args.run_dir)
+        task = _run_task(args.run_dir)  # before anything is printed
     report = audit_sweep(args.run_dir)
     print(report.format())
     passed = report.passed
@@ -43,14 +48,38 @@ def audit_command(args: argparse.Namespace) -> int:
             print("empirical step audit: skipped, the run added no noise (σ = 0, ε = ∞)")
             return EXIT_FAILED
         result = step_audit(sigma, max_grad_norm=float(metadata.get("max_grad_norm", 1.0)),
-                            draws=args.draws, delta=args.delta)
+                            draws=args.draws, delta=args.delta, task=task)
         ok = not result.flagged
-        print(f"  [{'ok' if ok else 'FAIL'}] empirical step audit (σ = {sigma:.4f}, q = 1, "
+        print(f"  [{'ok' if ok else 'FAIL'}] empirical step audit ({result.task} loss, "
+              f"σ = {sigma:.4f}, q = 1, "
               f"{result.draws:,} draws per world): μ̂ = {result.mu_hat:.4f} (1/σ = "
               f"{result.mu_true:.4f}), ε lower bound {result.epsilon_lower:.4f} vs claimed "
               f"{result.epsilon_claimed:.4f} at δ = {result.delta:g}")
         passed = passed and ok
     return 0 if passed else EXIT_FAILED
+
+
+def _run_task(run_dir: str) -> str:
+    """The run's task from its ``config.json`` (runs written before the setting: classification).
+
+    Raises:
+        ConfigError: For a task this toolkit does not know (the audit would test another loss).
+    """
+    import json
+    import os
+
+    from fedsb_dp.errors import ConfigError
+    from fedsb_dp.models import SEQUENCE_CLASSIFICATION, TASKS
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return SEQUENCE_CLASSIFICATION
+    with open(path, encoding="utf-8") as fh:
+        task = json.load(fh).get("config", {}).get("task", SEQUENCE_CLASSIFICATION)
+    if task not in TASKS:
+        raise ConfigError(f"{path}: task={task!r} is not one of {TASKS}; the empirical audit "
+                          "needs the run's per-example loss")
+    return task
 
 
 def _refuse_client_level(run_dir: str) -> None:

@@ -12,8 +12,10 @@ What is the real code path and what is vectorised:
   ``DPOptimizer`` with the client's σ, C, expected batch size and ``loss_reduction="mean"``).
 * The records' per-example gradients come from Opacus' ``GradSampleModule`` on a tiny model whose
   only trainable tensor is an SBLinear-style R (``nn.Linear(r, r, bias=False)`` between frozen
-  A and B); the canary's row is appended to ``p.grad_sample`` exactly as the ``canary_gradients``
-  hook of ``DPClient.train_round`` does.
+  A and B), through the audited run's own per-example loss (:func:`fedsb_dp.losses.example_losses`
+  for its task: a classifier's cross-entropy, or a causal LM's mean over each record's own
+  response tokens, on :class:`TinySBDecoder`); the canary's row is appended to ``p.grad_sample``
+  exactly as the ``canary_gradients`` hook of ``DPClient.train_round`` does.
 * Clipping and summing run once per world through the optimizer's own ``clip_and_accumulate``.
 * The n draws of the rest of the step run in one call of the optimizer's own ``step()`` on a
   batched copy of R of shape (n, r, r): ``add_noise`` (Opacus ``_generate_noise`` with std σC on a
@@ -28,6 +30,7 @@ What is the real code path and what is vectorised:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,7 +43,9 @@ from accounting.accountants import compute_epsilon
 from accounting.empirical import GdpFit, fit_gdp, gdp_epsilon
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.client import DPClient, LocalTrainingConfig
-from fedsb_dp.models import SEQUENCE_CLASSIFICATION
+from fedsb_dp.losses import example_losses
+from fedsb_dp.models import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
+from fedsb_dp.tasks.causal_lm import IGNORE_INDEX
 
 CANARY_SCALE = 10.0  # the canary's raw gradient norm in units of C: clipping must bite
 
@@ -64,6 +69,73 @@ class TinySBModel(nn.Module):
         return F.linear(self.R(F.linear(x, self.A)), self.B)
 
 
+class _SBStack(nn.Module):
+    """Frozen token embedding, then ``B R A``: the decoder stack of :class:`TinySBDecoder`."""
+
+    def __init__(self, *, rank: int, vocab: int, hidden: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.embed.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=generator))
+        self.core = TinySBModel(rank=rank, in_features=hidden, classes=hidden,
+                                generator=generator)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> SimpleNamespace:
+        """Hidden states (batch, length, hidden), shaped like a ``transformers`` output."""
+        del position_ids  # one position-free layer: no attention, no positions
+        hidden = self.core(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+class TinySBDecoder(nn.Module):
+    """A causal LM whose only trainable tensor is an SB R: the step audit's decoder records.
+
+    It has what :func:`fedsb_dp.tasks.causal_lm.response_losses` reads from a real decoder
+    (``get_decoder``, ``get_output_embeddings``, ``config.final_logit_softcapping``), so the
+    records' per-example losses are the causal-LM task's own.
+    """
+
+    def __init__(self, *, rank: int, vocab: int, generator: torch.Generator) -> None:
+        super().__init__()
+        hidden = 2 * rank
+        self.config = SimpleNamespace(final_logit_softcapping=None)
+        self.decoder = _SBStack(rank=rank, vocab=vocab, hidden=hidden, generator=generator)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=generator))
+
+    @property
+    def R(self) -> nn.Linear:
+        """The trained r×r matrix."""
+        return self.decoder.core.R
+
+    def get_decoder(self) -> nn.Module:
+        """The stack that yields the hidden states."""
+        return self.decoder
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The frozen LM head."""
+        return self.head
+
+
+def _lm_batch(records: int, *, vocab: int, generator: torch.Generator,
+              length: int = 8) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt response`` records with 1–3 response tokens of their own."""
+    ids = torch.randint(1, vocab, (records, length), generator=generator)
+    lengths = torch.randint(4, length + 1, (records,), generator=generator)
+    responses = torch.randint(1, 4, (records,), generator=generator)
+    position = torch.arange(length).unsqueeze(0)
+    mask = (position < lengths.unsqueeze(1)).long()
+    in_response = (position >= (lengths - responses).unsqueeze(1)) & mask.bool()
+    return {"input_ids": ids * mask, "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp_min(0),
+            "labels": torch.where(in_response, ids, torch.full_like(ids, IGNORE_INDEX))}
+
+
 @dataclass(frozen=True)
 class StepAuditResult:
     """Outcome of :func:`step_audit`.
@@ -81,6 +153,7 @@ class StepAuditResult:
         epsilon_claimed: ε the accountant claims for this step (PRV upper bound).
         epsilon_true: ε(δ) of (1/σ)-GDP, the exact value for a correct step.
         mutation: Name of the mutant under test (``None`` for the real code).
+        task: Whose per-example loss produced the records' gradients.
     """
 
     noise_multiplier: float
@@ -95,6 +168,7 @@ class StepAuditResult:
     epsilon_claimed: float
     epsilon_true: float
     mutation: str | None = None
+    task: str = SEQUENCE_CLASSIFICATION
 
     @property
     def mu_hat(self) -> float:
@@ -113,7 +187,8 @@ class StepAuditResult:
 
     def as_row(self) -> dict[str, object]:
         """A flat dictionary for tables."""
-        return {"mutation": self.mutation or "none", "sigma": self.noise_multiplier,
+        return {"mutation": self.mutation or "none", "task": self.task,
+                "sigma": self.noise_multiplier,
                 "draws": self.draws, "mu_true": self.mu_true, "mu_hat": self.mu_hat,
                 "mu_lower": self.fit.mu_lower, "epsilon_lower": self.epsilon_lower,
                 "epsilon_hat": self.epsilon_hat, "epsilon_claimed": self.epsilon_claimed,
@@ -121,14 +196,20 @@ class StepAuditResult:
                 "flagged": self.flagged}
 
 
-def _per_example_grads(model: TinySBModel, records: int, *, features: int, classes: int,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Real Opacus per-example gradients of R for ``records`` random examples."""
-    x = torch.randn(records, features, generator=generator)
-    y = torch.randint(0, classes, (records,), generator=generator)
+def _per_example_grads(model: nn.Module, records: int, *, task: str, features: int,
+                       classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Real Opacus per-example gradients of R for ``records`` random examples of ``task``."""
+    if task == CAUSAL_LM:
+        batch = _lm_batch(records, vocab=classes, generator=generator)
+    else:
+        batch = {"x": torch.randn(records, features, generator=generator),
+                 "labels": torch.randint(0, classes, (records,), generator=generator)}
     private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     try:
-        losses = F.cross_entropy(private(x), y, reduction="none")
+        if task == CAUSAL_LM:
+            losses = example_losses(private, batch, task=task)
+        else:
+            losses = F.cross_entropy(private(batch["x"]), batch["labels"], reduction="none")
         losses.mean().backward()  # the client's reduction: Opacus rescales to per-example grads
         return model.R.weight.grad_sample.detach().clone()
     finally:
@@ -138,21 +219,27 @@ def _per_example_grads(model: TinySBModel, records: int, *, features: int, class
 class _StepHarness:
     """One client step on a tiny SB model; releases many noisy updates per world."""
 
-    def __init__(self, config: LocalTrainingConfig, *, rank: int, seed: int) -> None:
+    def __init__(self, config: LocalTrainingConfig, *, rank: int, seed: int,
+                 task: str = SEQUENCE_CLASSIFICATION) -> None:
+        if task not in TASKS:
+            raise ConfigError(f"task={task!r} is not one of {TASKS}")
         self.config = config
         self.rank = rank
         gen = torch.Generator().manual_seed(seed)
         self.features, self.classes = 2 * rank, rank
-        self.model = TinySBModel(rank=rank, in_features=self.features, classes=self.classes,
-                                 generator=gen)
+        if task == CAUSAL_LM:
+            self.classes = 4 * rank  # the vocabulary of the tiny decoder
+            self.model: nn.Module = TinySBDecoder(rank=rank, vocab=self.classes, generator=gen)
+        else:
+            self.model = TinySBModel(rank=rank, in_features=self.features,
+                                     classes=self.classes, generator=gen)
         self.param = self.model.R.weight
         self.theta = self.param.detach().clone()
         self.u = torch.randn(rank, rank, generator=gen)
         self.u /= self.u.norm()
         # A DPClient only to reach its optimizer factory: the audited configuration.
-        self.client = DPClient("audit", [{}] * config.expected_batch_size, list,
-                               task=SEQUENCE_CLASSIFICATION)
-        self.records = _per_example_grads(self.model, config.expected_batch_size,
+        self.client = DPClient("audit", [{}] * config.expected_batch_size, list, task=task)
+        self.records = _per_example_grads(self.model, config.expected_batch_size, task=task,
                                           features=self.features, classes=self.classes,
                                           generator=gen)
         self.param.grad = None
@@ -231,6 +318,7 @@ def step_audit(
     optimizer: str = "sgd",
     seed: int = 0,
     mutation: str | None = None,
+    task: str = SEQUENCE_CLASSIFICATION,
 ) -> StepAuditResult:
     """Audit one client step with ``draws`` releases on D and on D' = D ∪ {canary}.
 
@@ -251,6 +339,8 @@ def step_audit(
         optimizer: ``"sgd"`` or ``"adamw"``.
         seed: Seed of the data, canary direction and noise (the audit, not a private run).
         mutation: Label reported with the result (set by mutation tests).
+        task: The audited run's task; its per-example loss gives the records' gradients
+            (``"causal-lm"``: response-token losses on :class:`TinySBDecoder`).
 
     Returns:
         The fit, the ε lower bound and the claim.
@@ -259,7 +349,7 @@ def step_audit(
                      optimizer)
     if draws < 2:
         raise ConfigError(f"draws={draws} must be ≥ 2")
-    harness = _StepHarness(config, rank=rank, seed=seed)
+    harness = _StepHarness(config, rank=rank, seed=seed, task=task)
     noise = torch.Generator().manual_seed(seed + 1)
     out_scores = harness.scores(harness.releases(False, draws, noise))
     in_scores = harness.scores(harness.releases(True, draws, noise))
@@ -270,7 +360,7 @@ def step_audit(
         expected_batch_size=expected_batch_size, draws=draws, delta=delta,
         mu_true=1.0 / noise_multiplier, fit=fit, epsilon_lower=fit.epsilon_lower(delta),
         epsilon_hat=fit.epsilon_hat(delta), epsilon_claimed=claimed,
-        epsilon_true=gdp_epsilon(1.0 / noise_multiplier, delta), mutation=mutation)
+        epsilon_true=gdp_epsilon(1.0 / noise_multiplier, delta), mutation=mutation, task=task)
 
 
 def real_step_matches(noise_multiplier: float = 1.0, *, draws: int = 20, seed: int = 0,
@@ -283,7 +373,8 @@ def real_step_matches(noise_multiplier: float = 1.0, *, draws: int = 20, seed: i
     config = _config(noise_multiplier, float(kwargs.get("max_grad_norm", 1.0)),
                      int(kwargs.get("expected_batch_size", 8)),
                      float(kwargs.get("learning_rate", 1.0)), str(kwargs.get("optimizer", "sgd")))
-    harness = _StepHarness(config, rank=int(kwargs.get("rank", 4)), seed=seed)
+    harness = _StepHarness(config, rank=int(kwargs.get("rank", 4)), seed=seed,
+                           task=str(kwargs.get("task", SEQUENCE_CLASSIFICATION)))
     for with_canary in (False, True):
         for i in range(draws):
             batched = harness.releases(with_canary, 1, torch.Generator().manual_seed(1000 + i))
@@ -300,4 +391,5 @@ def epsilon_table(results: list[StepAuditResult]) -> object:
     return pd.DataFrame([r.as_row() for r in results])
 
 
-__all__ = ["StepAuditResult", "TinySBModel", "epsilon_table", "real_step_matches", "step_audit"]
+__all__ = ["StepAuditResult", "TinySBDecoder", "TinySBModel", "epsilon_table",
+           "real_step_matches", "step_audit"]

@@ -275,3 +275,64 @@ def test_cli_refuses_an_empirical_audit_of_a_client_level_run(tmp_path, capsys):
     assert "client-level run (ledger unit 'client'" in captured.err
     assert "without --empirical" in captured.err
     assert "empirical step audit" not in captured.out
+
+
+# ------------------------------------------------------------------ causal-LM runs
+
+
+def test_decoder_records_are_each_records_own_response_loss_gradient():
+    # The causal-LM harness's records must be what the run's client clips: each record's own
+    # gradient of its mean response-token loss (a batch-wide divisor or a sum would not be).
+    from fedsb_dp.audit.step import TinySBDecoder, _lm_batch, _per_example_grads
+    from fedsb_dp.tasks.causal_lm import response_losses
+
+    gen = torch.Generator().manual_seed(3)
+    model = TinySBDecoder(rank=4, vocab=16, generator=gen)
+    state = torch.Generator().manual_seed(5).get_state()
+    rows = _per_example_grads(model, 6, task="causal-lm", features=8, classes=16,
+                              generator=torch.Generator().set_state(state))
+    batch = _lm_batch(6, vocab=16, generator=torch.Generator().set_state(state))
+    for i in range(6):
+        model.R.weight.grad = None
+        response_losses(model, {k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        torch.testing.assert_close(rows[i], model.R.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_step_audit_of_a_causal_lm_step_recovers_epsilon_and_flags_halved_noise(monkeypatch):
+    assert real_step_matches(1.0, draws=3, task="causal-lm")
+    result = step_audit(1.0, draws=DRAWS, task="causal-lm")
+    assert result.task == "causal-lm" and not result.flagged
+    assert result.mu_hat == pytest.approx(1.0, rel=0.02) and 0.95 <= result.recovered <= 1.0
+    original = opacus_optimizer._generate_noise
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise",
+                        lambda std, reference, generator=None, secure_mode=False:
+                        original(std / 2, reference, generator, secure_mode))
+    assert step_audit(1.0, draws=DRAWS, task="causal-lm").flagged
+
+
+def _with_task(run_dir, task):
+    import hashlib
+    import json
+
+    path = os.path.join(run_dir, "config.json")
+    config = json.load(open(path, encoding="utf-8"))
+    config["config"]["task"] = task
+    config["digest"] = hashlib.sha256(json.dumps(config["config"], sort_keys=True)
+                                      .encode()).hexdigest()
+    json.dump(config, open(path, "w", encoding="utf-8"))
+    provenance = json.load(open(os.path.join(run_dir, "provenance.json"), encoding="utf-8"))
+    provenance["config_digest"] = config["digest"]
+    json.dump(provenance, open(os.path.join(run_dir, "provenance.json"), "w", encoding="utf-8"))
+    return run_dir
+
+
+def test_cli_empirical_audit_uses_the_runs_task_and_refuses_an_unknown_one(tmp_path, capsys):
+    from fedsb_dp.cli import main
+
+    decoder_run = _with_task(make_run(tmp_path / "lm"), "causal-lm")
+    assert main(["audit", decoder_run, "--empirical", "--draws", "20000"]) == 0
+    assert "[ok] empirical step audit (causal-lm loss" in capsys.readouterr().out
+    odd = _with_task(make_run(tmp_path / "odd"), "seq2seq")
+    assert main(["audit", odd, "--empirical", "--draws", "2000"]) == 2
+    captured = capsys.readouterr()
+    assert "task='seq2seq' is not one of" in captured.err and captured.out == ""
