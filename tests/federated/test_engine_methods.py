@@ -139,7 +139,7 @@ def test_rank_heterogeneous_fedsb_run(tmp_path):
     ({"partition": "shards:2"}, "kind 'shards' is not one of"),
     ({"client_ranks": (1, 2, 8)}, "client rank 8 .* must be an integer in 1..4"),
     ({"client_ranks": (1, 2)}, "has 2 entries for clients=3"),
-    ({"client_ranks": (1, 2, 4), "method": "fedit"}, "need method='fedsb'"),
+    ({"client_ranks": (1, 2, 4), "method": "fedit"}, "needs method fedsb, not method='fedit'"),
     ({"method": "ffa-lora", "init": "gradient-svd"}, "builds LoRA-SB factors"),
     ({"method": "head-only", "init": "gradient-svd"}, "has none"),
     ({"method": "head-only", "train_head": False}, "needs --task sequence-classification"),
