@@ -286,14 +286,9 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, /, *, data: Any = N
     if engine == "flower-sim":
         _refuse_flower_data(data)
         result = _flower_simulation()(config)
-        if export_merged or export_peft:
-            from fedsb_dp.use.export import export_run
+        from fedsb_dp.use.export import export_into_run_dir
 
-            finished = load_run(result.run_dir)
-            if export_merged:
-                export_run(finished, os.path.join(result.run_dir, "merged"), "merged")
-            if export_peft:
-                export_run(finished, os.path.join(result.run_dir, "peft_adapter"), "peft")
+        export_into_run_dir(result.run_dir, merged=export_merged, peft=export_peft)
     else:
         from fedsb_dp.federated.inprocess import run_federation
 

@@ -8,7 +8,6 @@ It builds the parts (:mod:`fedsb_dp.federated.setup`), hands them to the
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,15 +219,8 @@ def run_federation(
     finally:
         private_model._close()
     summary = protocol.finish()
-    if export_merged or export_peft:
-        # The same code as `fedsb-dp export`, on the run as saved.
-        from fedsb_dp.runs import load_run
-        from fedsb_dp.use.export import export_run
+    from fedsb_dp.use.export import export_into_run_dir
 
-        run = load_run(config.out)
-        if export_merged:
-            export_run(run, os.path.join(config.out, "merged"), "merged")
-        if export_peft:
-            export_run(run, os.path.join(config.out, "peft_adapter"), "peft")
+    export_into_run_dir(config.out, merged=export_merged, peft=export_peft)
     return RunResult(run_dir=config.out, status=summary["status"], summary=summary,
                      operator=protocol.operator)

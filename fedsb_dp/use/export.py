@@ -303,3 +303,19 @@ def load_sb_export(directory: str, *, device: str | None = None) -> LoadedModel:
                           "PEFT/transformers (see its export.json 'layout')")
     config = RunConfig.from_dict(record["run_config"])
     return assemble(config, record["label_names"], directory, device=device)
+
+
+def export_into_run_dir(run_dir: str, *, merged: bool, peft: bool) -> None:
+    """The run-time ``--export-merged``/``--export-peft``: export a finished run in place.
+
+    Both engines call this after their run, so the flags give what ``fedsb-dp export`` gives.
+    """
+    from fedsb_dp.runs import load_run
+
+    if not (merged or peft):
+        return
+    run = load_run(run_dir)
+    if merged:
+        export_run(run, os.path.join(run_dir, "merged"), "merged")
+    if peft:
+        export_run(run, os.path.join(run_dir, "peft_adapter"), "peft")
