@@ -15,7 +15,9 @@ Order of operations (each release is in the ledger before its noise exists):
 3. :meth:`RoundProtocol.aggregate_round` sorts the replies with one rule for both drivers:
    a missing or failed reply is *dropped*; a malformed or inconsistent one (client id, event,
    fingerprint, keys, shapes, dtype, steps) is *rejected*. A round with a rejected reply, or
-   with fewer valid replies than the unit needs, is not aggregated (the global model stays);
+   with fewer valid replies than the unit needs, is not aggregated (the global model stays) —
+   except under client-level DP, where the secret cohort must not decide that: a rejected
+   reply there counts as a zero update and the round goes on;
    otherwise the unit combines the valid replies and the method applies them. Either way the
    reservation is committed: instructions went out, so the steps count.
 4. :meth:`RoundProtocol.finish` evaluates on the test split, saves ``final_adapter/`` and
@@ -527,7 +529,14 @@ class RoundProtocol:
                 continue
             updates[cid] = reply
         outcome.valid = [cid for cid in ticket.participants if cid in updates]
-        if outcome.rejected:
+        # Under client-level DP the cohort is secret, so whether a round aggregates must not
+        # depend on who was in it: a rejected reply counts as a zero update (within the
+        # sensitivity S), exactly like a non-finite one, and the reason stays operator-only.
+        refuse_round = bool(outcome.rejected) and self.unit.replies_are_releases
+        if outcome.rejected and not refuse_round:
+            logger.error("round %d: %d reply(ies) rejected and counted as zero updates",
+                         ticket.round_index + 1, len(outcome.rejected))
+        if refuse_round:
             logger.error("round %d is not aggregated: %d reply(ies) rejected",
                          ticket.round_index + 1, len(outcome.rejected))
         elif len(outcome.valid) < self.unit.min_valid_replies:

@@ -91,6 +91,25 @@ def test_dead_and_lying_clients_are_charged_and_the_run_continues(tmp_path):
     assert os.path.exists(tmp_path / "run" / "checkpoint.safetensors")
 
 
+def test_client_level_counts_a_rejected_reply_as_zero_and_releases_nothing_of_it(
+        tmp_path, monkeypatch):
+    """Under client-level DP the cohort is secret: a malformed reply must not change what is
+    published (no failed round, no missing metric), only the operator log may name it."""
+    monkeypatch.setenv("FEDSB_DP_ACCEPT_CLIENT_LEVEL", "1")
+    summary, ledger, metrics, _ = _run(tmp_path, "client", {(2, 1): _wrong_steps},
+                                       dp_level="client", epsilon=30.0)
+    assert [m["aggregated"] for m in metrics] == [True, True, True]
+    assert all(m["validation_accuracy"] is not None for m in metrics)
+    assert summary["rounds_failed"] == [] and summary["rounds_aggregated"] == 3
+    assert all("rejected" not in m and "participants" not in m for m in metrics)
+    assert [sorted(m) for m in metrics[1:]] == [sorted(metrics[0])] * 2
+    operator = [json.loads(line) for line in open(tmp_path / "client" / "operator.jsonl")]
+    rounds = [line for line in operator if line["kind"] == "round"]
+    assert "7 steps" in rounds[1]["rejected"]["client-1"]
+    assert rounds[1]["valid"] == ["client-0"]
+    assert ledger.pending == []
+
+
 def test_too_few_replies_fail_the_round_cleanly(tmp_path):
     summary, ledger, metrics, _ = _run(tmp_path, "strict", {(1, 0): "raise"}, rounds=2,
                                        min_clients=2)
