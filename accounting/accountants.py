@@ -14,6 +14,7 @@ Neighbouring relation everywhere: add or remove one record.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,16 @@ PLD_DISCRETIZATION = 1e-4
 # prv-accountant's grid grows with ε (its domain comes from an RDP bound); past this ε a
 # single query takes minutes, so the PLD accountant answers instead and says so.
 PRV_MAX_EPSILON = 50.0
+# ε of one history is a pure function of its atoms and the query, and one run asks the same
+# question many times (calibration, then every round's report): answers are memoised per
+# process. Only the arithmetic is skipped; nothing is stored on disk or shared across processes.
+_MEMO_SIZE = 4096
+_memo: OrderedDict[tuple[Any, ...], EpsilonResult] = OrderedDict()
+
+
+def clear_epsilon_cache() -> None:
+    """Forget every memoised ε (for timing an accountant, or after changing one)."""
+    _memo.clear()
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,22 @@ def compute_epsilon(
                              non_private=True)
     if not atoms:
         return EpsilonResult(0.0, 0.0, 0.0, accountant, accountant, delta)
+    key = (tuple(atoms), delta, accountant, eps_error, delta_error, tuple(rdp_orders))
+    if key in _memo:
+        _memo.move_to_end(key)
+        return _memo[key]
+    result = _compute_epsilon(atoms, event, delta=delta, accountant=accountant,
+                              eps_error=eps_error, delta_error=delta_error,
+                              rdp_orders=rdp_orders)
+    _memo[key] = result
+    if len(_memo) > _MEMO_SIZE:
+        _memo.popitem(last=False)
+    return result
+
+
+def _compute_epsilon(atoms: list[tuple[DpEvent, int]], event: DpEvent, *, delta: float,
+                     accountant: str, eps_error: float, delta_error: float | None,
+                     rdp_orders: Sequence[float]) -> EpsilonResult:
     if accountant == "prv":
         delta_error = delta / 1000 if delta_error is None else delta_error
         parameters = {"eps_error": eps_error, "delta_error": delta_error}

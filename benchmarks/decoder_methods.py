@@ -5,7 +5,7 @@ cell (the offline Rotten Tomatoes reviews cast as "Review: …\\nSentiment:" →
 " rotten"), so its peak RSS is its own. The table gives the held-out response loss and
 perplexity, the exact-match accuracy of greedy generation, ε recomputed from the run's ledger,
 bytes per client per round, wall time and peak RSS; a row can carry its own learning rate
-(``fedsb@0.003``). Then one more process times a client step of every method with and
+and rank (``fedsb:r64@0.003``). Then one more process times a client step of every method with and
 without DP side by side on one fixed batch of the cell (interleaved round-robin, so machine
 load hits both alike): Opacus per-example gradients + clip + noise (``GradSampleModule`` +
 ``DPOptimizer``, the client's own optimizer factory) against plain back-propagation + AdamW.
@@ -13,7 +13,8 @@ Finally ``fedsb-dp comm`` prints the per-round traffic of every method on the re
 configuration. Everything goes to ``benchmarks/results/decoder_methods.json``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/decoder_methods.py \\
-        [--methods fedsb,fedsb@0.003,ffa-lora,fedit] [--rounds 3] [--timing-repeats 3]
+        [--methods fedsb,fedsb@0.003,fedsb:r64@0.003,ffa-lora,fedit] [--rounds 3]
+        [--timing-repeats 3]
 
 Needs the opt-in Gemma install (``FEDSB_DP_GEMMA=1 bash scripts/install.sh``).
 """
@@ -37,14 +38,17 @@ GEMMA_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardi
                             "fixtures", "gemma-3-270m.config.json")
 
 
-def _split(spec: str) -> tuple[str, float | None]:
-    """``fedsb@0.003`` → ("fedsb", 0.003); ``fedit`` → ("fedit", None)."""
-    method, _, lr = spec.partition("@")
-    return method, float(lr) if lr else None
+def _split(spec: str) -> tuple[str, int | None, float | None]:
+    """``fedsb:r64@0.003`` → ("fedsb", 64, 0.003); ``fedit`` → ("fedit", None, None)."""
+    head, _, lr = spec.partition("@")
+    method, _, rank = head.partition(":r")
+    return method, int(rank) if rank else None, float(lr) if lr else None
 
 
 def _run(spec: str, out: str, cell: dict) -> dict:
-    method, lr = _split(spec)
+    method, rank, lr = _split(spec)
+    # Fed-SB's r×r matrix is tiny at the LoRA baselines' rank; the paper gives it a larger r.
+    cell = {**cell, **({"rank": rank} if rank is not None else {})}
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in cell.items()]
     if lr is not None:
         flags.append(f"--learning-rate={lr}")
@@ -62,7 +66,8 @@ def _run(spec: str, out: str, cell: dict) -> dict:
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
         rounds = [json.loads(line) for line in fh if line.strip()]
     per_round = summary["bytes_up"] / (cell["clients"] * max(summary["rounds_completed"], 1))
-    return {"method": spec, "learning_rate": used_lr, "status": summary["status"],
+    return {"method": spec, "rank": cell["rank"], "learning_rate": used_lr,
+            "status": summary["status"],
             "test_loss": summary.get("test_loss"),
             "test_perplexity": summary.get("test_perplexity"),
             "exact_match": summary.get("test_accuracy"),
@@ -157,7 +162,8 @@ def _comm(methods: list[str], cell: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="fedsb,fedsb@0.003,ffa-lora,fedit")
+    parser.add_argument("--methods", default="fedsb,fedsb@0.003,fedsb:r64@0.003,ffa-lora,fedit",
+                        help="comma-separated METHOD[:rRANK][@LR]")
     parser.add_argument("--rounds", type=int, default=CELL["rounds"])
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="timed steps per method and mode (after one warm-up each)")
@@ -173,18 +179,19 @@ def main() -> None:
     if not args.skip_runs:
         with tempfile.TemporaryDirectory(prefix="decoder-methods-") as root:
             for spec in methods:
-                rows.append(_run(spec, os.path.join(root, spec.replace("@", "-lr")), cell))
+                rows.append(_run(spec, os.path.join(
+                    root, spec.replace("@", "-lr").replace(":", "-")), cell))
                 print(json.dumps(rows[-1]), flush=True)
     sigma = rows[0]["sigma"] if rows else 0.7
     timing = _step_times(methods, cell, sigma, args.timing_repeats)
     comm = _comm(methods, cell)
-    header = ("method", "lr", "loss", "ppl", "exact", "ε", "σ", "params", "B/client/round",
+    header = ("method", "r", "lr", "loss", "ppl", "exact", "ε", "σ", "params", "B/client/round",
               "s/step no DP", "s/step DP", "DP ratio", "wall s", "RSS GB")
     print(" | ".join(header))
     for r in rows:
         t = timing[_split(r["method"])[0]]
         print(" | ".join(str(x) for x in (
-            r["method"], r["learning_rate"], f"{r['test_loss']:.3f}",
+            r["method"], r["rank"], r["learning_rate"], f"{r['test_loss']:.3f}",
             f"{r['test_perplexity']:.1f}", f"{r['exact_match']:.3f}", f"{r['epsilon']:.4f}",
             f"{r['sigma']:.3f}", f"{r['trainable_parameters']:,}",
             f"{r['bytes_up_per_client_round']:,.0f}", f"{t['s_per_step_no_dp']:.2f}",

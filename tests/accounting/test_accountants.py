@@ -194,3 +194,33 @@ def test_epsilon_rises_with_steps(steps, extra):
     fewer = compute_epsilon(sgm(1.0, 0.02, steps), delta=1e-5).epsilon
     more = compute_epsilon(sgm(1.0, 0.02, steps + extra), delta=1e-5).epsilon
     assert fewer <= more + 1e-9
+
+
+def test_memoised_answers_depend_on_every_part_of_the_query(monkeypatch):
+    """The per-process memo may skip arithmetic, never change an answer: a repeat is served
+    from it, and a query differing in δ, accountant, ε error or history is not."""
+    from accounting import accountants
+
+    accountants.clear_epsilon_cache()
+    calls = []
+    original = accountants._compute_epsilon
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["accountant"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(accountants, "_compute_epsilon", counting)
+    event = sgm(1.1, 0.05, 40)
+    first = compute_epsilon(event, delta=1e-5)
+    assert compute_epsilon(event, delta=1e-5) is first and calls == ["prv"]
+    fresh = {
+        "delta": compute_epsilon(event, delta=1e-6).epsilon,
+        "accountant": compute_epsilon(event, delta=1e-5, accountant="rdp").epsilon,
+        "history": compute_epsilon(sgm(1.1, 0.05, 41), delta=1e-5).epsilon,
+    }
+    compute_epsilon(event, delta=1e-5, eps_error=0.02)
+    assert len(calls) == 5
+    assert fresh["delta"] > first.epsilon and fresh["accountant"] > first.epsilon
+    assert fresh["history"] > first.epsilon
+    accountants.clear_epsilon_cache()
+    assert compute_epsilon(event, delta=1e-5).epsilon == first.epsilon and len(calls) == 6
