@@ -11,8 +11,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from accounting import calibration_cache
 from accounting.accountants import (
     EpsilonResult,
+    FederationResult,
     _check_accountant,
     federation_epsilon_of,
 )
@@ -169,8 +171,19 @@ def calibrate_noise_multiplier(
     plan: FederatedPlan,
     accountant: str = "prv",
     tolerance: float = 1e-3,
+    cache_dir: str | None = None,
 ) -> CalibrationResult:
     """σ for the whole plan so that max-over-clients ε ≤ target (never above).
+
+    Args:
+        target_epsilon: ε every client must meet.
+        target_delta: δ.
+        plan: What each client releases, σ aside.
+        accountant: The accountant that judges the target (``prv``, ``pld`` or ``rdp``).
+        tolerance: Relative tolerance on σ.
+        cache_dir: A directory of earlier answers (default: ``$FEDSB_DP_CALIBRATION_CACHE``,
+            else none); an answer found there is used only after ε is recomputed at its σ
+            and meets the target (:mod:`accounting.calibration_cache`).
 
     Raises:
         AccountingError: Bad targets; the init events alone already exceed the target; or the
@@ -187,6 +200,40 @@ def calibrate_noise_multiplier(
                 f"the initialisation alone costs ε = {init_only.epsilon:.4g} ≥ target "
                 f"{target_epsilon} (client {init_only.worst_client!r}); raise the init noise "
                 "multiplier or use a data-free/public initialisation")
+
+    def federation(sigma: float) -> FederationResult:
+        return federation_epsilon_of({cid: plan.client_event(cid, sigma) for cid in clients},
+                                     delta=target_delta, accountant=accountant)
+
+    directory = calibration_cache.cache_directory(cache_dir)
+    if directory is None:
+        return _search(plan, clients, target_epsilon=target_epsilon, target_delta=target_delta,
+                       accountant=accountant, tolerance=tolerance)
+    histories = [repr((plan.sampling_probabilities[cid],
+                       plan.steps_per_round(cid) * plan.rounds_joined(cid),
+                       plan.init_events.get(cid))) for cid in clients]
+    key = calibration_cache.cache_key(histories, kind="shared", target_epsilon=target_epsilon,
+                                      target_delta=target_delta, accountant=accountant,
+                                      tolerance=tolerance)
+    found = calibration_cache.lookup(directory, key, target_epsilon=target_epsilon,
+                                     verify=federation)
+    if found is not None:
+        sigma, result = found
+        return CalibrationResult(sigma, result.epsilon,
+                                 result.per_client[result.worst_client].accountant,
+                                 result.per_client)
+    fresh = _search(plan, clients, target_epsilon=target_epsilon, target_delta=target_delta,
+                    accountant=accountant, tolerance=tolerance)
+    calibration_cache.store(directory, key, fresh.noise_multiplier, description={
+        "target_epsilon": target_epsilon, "target_delta": target_delta,
+        "accountant": accountant, "histories": sorted(set(histories)),
+        "achieved_epsilon": fresh.achieved_epsilon})
+    return fresh
+
+
+def _search(plan: FederatedPlan, clients: list[str], *, target_epsilon: float,
+            target_delta: float, accountant: str, tolerance: float) -> CalibrationResult:
+    """The calibration itself (see :func:`calibrate_noise_multiplier`)."""
 
     def worst(sigma: float, name: str = accountant) -> float:
         return federation_epsilon_of(
@@ -236,6 +283,7 @@ def calibrate_per_client(
     plan: FederatedPlan,
     accountant: str = "prv",
     tolerance: float = 1e-3,
+    cache_dir: str | None = None,
 ) -> dict[str, CalibrationResult]:
     """σᵢ for each client of the plan on its own, so that every client's ε ≤ target.
 
@@ -243,7 +291,8 @@ def calibrate_per_client(
     datasets), so its σᵢ is the smallest σ at which *its* plan — init event, qᵢ, Kᵢ × rounds
     joined — meets the target. The largest σᵢ is the shared σ of
     :func:`calibrate_noise_multiplier`; every other client adds less noise for the same ε.
-    Clients with the same plan share one calibration.
+    Clients with the same plan share one calibration; ``cache_dir`` as for
+    :func:`calibrate_noise_multiplier`, per client plan.
 
     Raises:
         AccountingError: As :func:`calibrate_noise_multiplier`, for the first client whose own
@@ -262,7 +311,7 @@ def calibrate_per_client(
             try:
                 done[key] = calibrate_noise_multiplier(
                     target_epsilon=target_epsilon, target_delta=target_delta, plan=own,
-                    accountant=accountant, tolerance=tolerance)
+                    accountant=accountant, tolerance=tolerance, cache_dir=cache_dir)
             except AccountingError as exc:
                 raise AccountingError(f"client {cid!r}: {exc}") from None
         found = done[key]

@@ -8,8 +8,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _calibration_cache() -> str:
+    """One σ cache per test session (shared by xdist workers and the subprocesses they start).
+
+    Dozens of end-to-end tests calibrate the same small plans; the cache re-verifies every σ
+    it serves (accounting/calibration_cache.py), and a fresh one each session keeps a planted
+    calibration bug from hiding behind an earlier run's answers. The tests of calibration
+    itself switch it off (tests/accounting/conftest.py).
+    """
+    import tempfile
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run:
+        path = os.path.join(tempfile.gettempdir(), f"fedsb-dp-calibration-{run}")
+        os.makedirs(path, exist_ok=True)
+        return path
+    return tempfile.mkdtemp(prefix="fedsb-dp-calibration-")
+
+
+os.environ.setdefault("FEDSB_DP_CALIBRATION_CACHE", _calibration_cache())
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Each xdist worker gets its share of the cores instead of all of them: two workers with
+    # two intra-op threads each on two cores would only fight over them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
+        os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")
