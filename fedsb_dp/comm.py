@@ -14,6 +14,7 @@ fedex-lora Σ r(m+n)                       Σ r(m+n) + residual: min((c+1)·r(m+
 flora      Σ r(m+n)                       c·Σ r(m+n)  (stacked factors)
 fedsvd     Σ r·m  (B only)                Σ r(m+n)  (B̄ and the re-factorised A)
 rolora     ½Σ r(m+n)  (B or A, in turn)   ½Σ r(m+n)  (the averaged factor)
+head-only  head                           head  (no adapter; classifiers only)
 ========== ============================== ================================================
 
 RoLoRA's rows are the mean of its two kinds of round (Σ r·m in B rounds, Σ r·n in A rounds).
@@ -35,7 +36,8 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 
-COMM_METHODS = ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "fedsvd", "rolora")
+COMM_METHODS = ("fedsb", "fedit", "ffa-lora", "fedex-lora", "flora", "fedsvd", "rolora",
+                "head-only")
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,13 @@ def method_traffic(shapes: AdaptedShapes, method: str, *, rank: int, clients: in
                               f"is 1..{min(m, n)}")
     lora = sum(rank * (m + n) for m, n in shapes.layers.values())
     head = shapes.head_params
-    if method == "fedsb":
+    if method == "head-only":
+        if not head:
+            raise ConfigError("method='head-only' needs a classification head (--num-labels); "
+                              "a causal LM has none to train")
+        up = down = paper = head
+        rank = 0  # no adapter
+    elif method == "fedsb":
         up = down = paper = len(shapes.layers) * rank * rank + head
     elif method == "fedit":
         up = down = paper = lora + head
@@ -170,6 +178,8 @@ def communication_table(config_or_id: str, *, rank: int, clients: int,
 
     shapes = adapted_shapes(load_config(config_or_id), targets=targets, num_labels=num_labels,
                             mean_pooled=_declares_mean_pooling(config_or_id))
+    # Head-only has nothing to send without a head (a causal LM): no row rather than zeros.
+    methods = tuple(m for m in methods if m != "head-only" or shapes.head_params)
     rows = [method_traffic(shapes, m, rank=(fedsb_rank or rank) if m == "fedsb" else rank,
                            clients=clients) for m in methods]
     frame = pd.DataFrame(rows)

@@ -53,6 +53,10 @@ def test_gemma_3_270m_bytes_per_round():
 
 def test_bert_base_query_value_three_clients():
     frame = communication_table(BERT, rank=32, clients=3, fedsb_rank=64, num_labels=3)
+    head_only = _row(frame, "head-only")  # the 768×3 + 3 classifier alone, both ways
+    assert head_only["uplink_params"] == head_only["downlink_params"] == 2_307
+    assert head_only["rank"] == 0
+    assert "head-only" not in set(communication_table(GEMMA_270M, rank=16, clients=3)["method"])
     assert _row(frame, "fedsb")["paper_params"] == 100_611        # 24 × 64² + 2,307 head
     assert _row(frame, "fedit")["paper_params"] == 1_181_955      # 1.18 M
     assert round(_row(frame, "ffa-lora")["paper_params"] / 1e4) == 59   # 0.59 M

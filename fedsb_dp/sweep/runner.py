@@ -10,9 +10,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from accounting import calibration_cache
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
 from fedsb_dp.sweep.spec import Cell, SweepSpec
+
+#: Sweep subdirectory of calibrated σ shared by its cells (unless the environment names one).
+CALIBRATION_CACHE = "calibration-cache"
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +150,21 @@ def run_sweep(spec: SweepSpec, out: str, *, progress: bool = False,
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers={workers!r} must be a positive integer")
     _claim_sweep_dir(spec, out)
+    # Cells of one grid share plans (every method and seed at one ε calibrates the same σ):
+    # a cache in the sweep directory pays for each plan once; every σ it serves is re-verified
+    # (accounting.calibration_cache). Spawned workers inherit the environment.
+    variable = calibration_cache.ENVIRONMENT_VARIABLE
+    if os.environ.get(variable):
+        return _run_cells(spec, out, progress=progress, on_cell=on_cell, workers=workers)
+    os.environ[variable] = os.path.join(out, CALIBRATION_CACHE)
+    try:
+        return _run_cells(spec, out, progress=progress, on_cell=on_cell, workers=workers)
+    finally:
+        del os.environ[variable]
+
+
+def _run_cells(spec: SweepSpec, out: str, *, progress: bool,
+               on_cell: Callable[[Cell, str], None] | None, workers: int) -> dict[str, str]:
     cells = spec.cells()
     statuses: dict[str, str] = {}
     if workers == 1:

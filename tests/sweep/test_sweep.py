@@ -135,14 +135,18 @@ def test_cli_report(sweep_dir):
     assert bad.returncode == 2 and "must be > 0" in bad.stderr
 
 
-def test_parallel_workers_match_the_serial_sweep(sweep_dir, tmp_path):
+def test_parallel_workers_match_the_serial_sweep(sweep_dir, tmp_path, monkeypatch):
     """Two worker processes give each cell the same run as the serial sweep: same ledger,
-    same ε and, with the seeds and one thread each, the same accuracy."""
+    same ε and, with the seeds and one thread each, the same accuracy. Left to itself, the
+    sweep keeps one calibration cache for its cells, so both ε = 3 cells share one σ entry."""
+    monkeypatch.delenv("FEDSB_DP_CALIBRATION_CACHE", raising=False)
     spec = _spec()
     out = str(tmp_path / "parallel")
     seen = []
     statuses = run_sweep(spec, out, workers=2, on_cell=lambda c, s: seen.append(c.name))
     assert set(statuses.values()) == {"completed"}
+    assert len(os.listdir(os.path.join(out, "calibration-cache"))) == 1
+    assert "FEDSB_DP_CALIBRATION_CACHE" not in os.environ  # restored after the sweep
     assert list(statuses) == [c.name for c in spec.cells()]  # grid order, whatever finished first
     assert sorted(seen) == sorted(statuses)
     serial = collect_results(sweep_dir, write=False).set_index("run")
