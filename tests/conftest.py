@@ -14,8 +14,8 @@ def _calibration_cache() -> str:
 
     Dozens of end-to-end tests calibrate the same small plans; the cache re-verifies every σ
     it serves (accounting/calibration_cache.py), and a fresh one each session keeps a planted
-    calibration bug from hiding behind an earlier run's answers. The tests of calibration
-    itself switch it off (tests/accounting/conftest.py).
+    calibration bug from hiding behind an earlier run's answers. The tests of the accounting
+    package itself run without it (``_no_calibration_cache_for_accounting_tests``).
     """
     import tempfile
 
@@ -37,6 +37,13 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # two intra-op threads each on two cores would only fight over them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
         os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+@pytest.fixture(autouse=True)
+def _no_calibration_cache_for_accounting_tests(request, monkeypatch):
+    """tests/accounting judges calibration itself: no σ served from the session cache there."""
+    if "accounting" in request.node.path.parent.parts[-1:]:
+        monkeypatch.delenv("FEDSB_DP_CALIBRATION_CACHE", raising=False)
 
 
 @pytest.fixture(scope="session")
