@@ -264,10 +264,20 @@ def _select_splits(raw: Mapping[str, pd.DataFrame], requested: Mapping[str, str 
     for role in ("validation", "test"):
         name = asked.get(role, role if role in raw and role not in asked.values() else None)
         roles[role] = [name] if name is not None else []
+    used = {name for names in roles.values() for name in names}
     if "train" in asked:
         roles["train"] = [asked["train"]]
+    elif "train" in raw and "train" not in used:
+        # A source with a "train" split trains on it alone: its other splits (MNLI's
+        # validation_mismatched, test_matched, IMDB's unsupervised) are evaluation or
+        # unlabelled data, and pooling them would train on what others evaluate on.
+        roles["train"] = ["train"]
+        ignored = sorted(name for name in raw if name != "train" and name not in used)
+        if ignored:
+            logger.warning("dataset %r: training on split 'train' only; split(s) %s are not "
+                           "used (name one with --train-split/--validation-split/--test-split)",
+                           source, ignored)
     else:
-        used = {name for names in roles.values() for name in names}
         roles["train"] = [name for name in raw if name not in used]
     return roles, {role: role in asked for role in SPLIT_SETTINGS}
 
@@ -460,8 +470,8 @@ def load_text_classification(
         max_train_records: Keep only this many training records (the ones with the smallest
             hash, so the choice is deterministic); ``None`` keeps all.
         dataset_config: Configuration of a hub dataset (``"sst2"`` of ``nyu-mll/glue``).
-        train_split: The source's split to train on; default: every split not used for
-            validation or test, pooled.
+        train_split: The source's split to train on; default: its ``train`` split, or, when
+            it has none, every split not used for validation or test, pooled.
         validation_split: The split to validate on; default ``"validation"`` when present
             and labelled, else hashed from the training pool.
         test_split: The split to test on; default ``"test"`` when present and labelled

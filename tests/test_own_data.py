@@ -161,6 +161,22 @@ def test_data_record_names_config_and_splits(monkeypatch):
     json.dumps(record)
 
 
+def test_without_a_train_split_setting_only_the_train_split_trains(caplog):
+    """Extra splits (MNLI's validation_mismatched, IMDB's unsupervised) are not pooled into
+    training when the source has a split named train; without one, the splits are pooled."""
+    splits = {"train": pd.DataFrame(_reviews(150)),
+              "validation_mismatched": pd.DataFrame(_reviews(40, offset=900))}
+    with caplog.at_level("WARNING", logger="fedsb_dp.data"):
+        data = load_text_classification(splits, text_column="sentence")
+    assert "['validation_mismatched'] are not used" in caplog.text
+    assert len(data.train) + len(data.validation) + len(data.test) == 150
+    assert not data.train["text"].str.contains("review number 9[0-9][0-9] ").any()
+    pooled = load_text_classification({"part1": pd.DataFrame(_reviews(150)),
+                                       "part2": pd.DataFrame(_reviews(40, offset=900))},
+                                      text_column="sentence")
+    assert len(pooled.train) + len(pooled.validation) + len(pooled.test) == 190
+
+
 def test_in_memory_dict_of_splits_takes_the_split_settings():
     splits = {"train": pd.DataFrame(_reviews(150)),
               "holdout": pd.DataFrame(_reviews(20, offset=700)),
