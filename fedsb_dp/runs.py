@@ -151,17 +151,18 @@ class Run:
 
         return export_run(self, out, format, force=force)
 
-    def predict(self, texts: list[str], *, batch_size: int = 32,
-                device: str | None = None) -> pd.DataFrame:
+    def predict(self, texts: list[str], *, pairs: list[str] | None = None,
+                batch_size: int = 32, device: str | None = None) -> pd.DataFrame:
         """Classify texts with the trained model: label by name and every class probability.
 
+        A run trained on text pairs needs ``pairs``, the second text of each example.
         See :func:`fedsb_dp.use.predict.predict_texts`.
         """
         from fedsb_dp.use.predict import check_predictable, predict_texts
 
-        check_predictable(self, texts, batch_size=batch_size)
+        check_predictable(self, texts, batch_size=batch_size, pairs=pairs)
         return predict_texts(self.load_model(device=device), texts, batch_size=batch_size,
-                             max_length=self.config.max_length)
+                             max_length=self.config.max_length, pairs=pairs)
 
     def generate(self, prompts: str | list[str], *, max_new_tokens: int = 32,
                  template: bool = False, temperature: float = 0.0, seed: int | None = None,

@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--input", metavar="FILE", help="CSV, TSV, JSON Lines or Parquet file")
     predict.add_argument("--text-column", metavar="C",
                          help="column of --input to classify (default: the run's text column)")
+    predict.add_argument("--text-pair", action="append", metavar="TEXT",
+                         help="the second text of a text-pair example, once per --text "
+                              "(text-pair runs)")
+    predict.add_argument("--text-pair-column", metavar="C",
+                         help="column of --input with the second texts (default: the run's "
+                              "text-pair column)")
     predict.add_argument("--output", metavar="FILE",
                          help="write the predictions CSV here (default: standard output)")
     predict.add_argument("--force", action="store_true", help="replace an existing --output")
@@ -98,12 +104,21 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {args.output!r} exists; choose another file or add "
                           "--force to replace it")
     run = load_run(args.run)
-    if args.text_column and not args.input:
-        raise ConfigError("--text-column needs --input FILE")
+    for flag, value in (("--text-column", args.text_column),
+                        ("--text-pair-column", args.text_pair_column)):
+        if value and not args.input:
+            raise ConfigError(f"{flag} needs --input FILE")
+    if args.text_pair and not args.text:
+        raise ConfigError("--text-pair goes with --text (for --input, use --text-pair-column)")
     texts = args.text or read_texts(args.input, args.text_column or run.config.text_column)
-    check_predictable(run, texts, batch_size=args.batch_size)
+    pairs = args.text_pair
+    pair_column = args.text_pair_column or (run.config.text_pair_column if args.input else None)
+    if args.input and pair_column:
+        pairs = read_texts(args.input, pair_column, flag="--text-pair-column")
+    check_predictable(run, texts, batch_size=args.batch_size, pairs=pairs)
     frame = predict_texts(run.load_model(device=args.device), texts,
-                          batch_size=args.batch_size, max_length=run.config.max_length)
+                          batch_size=args.batch_size, max_length=run.config.max_length,
+                          pairs=pairs)
     if args.output:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         frame.to_csv(tmp, index=False)

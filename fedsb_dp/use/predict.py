@@ -21,8 +21,12 @@ LABEL_COLUMN = "label"
 SCORE_COLUMN = "probability"
 
 
-def check_predictable(run: Run, texts: Sequence[str], *, batch_size: int) -> None:
-    """Refuse a causal-LM run, no texts, or a bad batch size, before the model is loaded.
+def check_predictable(run: Run, texts: Sequence[str], *, batch_size: int,
+                      pairs: Sequence[str] | None = None) -> None:
+    """Refuse bad requests before the model is loaded.
+
+    Refused: a causal-LM run, no texts, a bad batch size, and texts that do not match the
+    run's input (a text-pair classifier needs a second text per example, and only it does).
 
     Raises:
         ConfigError: Naming the bad value and what is valid.
@@ -34,27 +38,43 @@ def check_predictable(run: Run, texts: Sequence[str], *, batch_size: int) -> Non
         raise ConfigError(f"--batch-size {batch_size!r} must be an integer ≥ 1")
     if not texts:
         raise ConfigError("no texts to classify: give --text TEXT or --input FILE")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise ConfigError(f"text {bad[0]} is {texts[bad[0]]!r}, not a string")
+    pair_column = run.config.text_pair_column
+    if pair_column and pairs is None:
+        raise ConfigError(
+            f"{run.path!r} classifies text pairs ({run.config.text_column!r}, {pair_column!r}):"
+            " give the second text of each example with --text-pair (once per --text), or "
+            "--input FILE with both columns (--text-pair-column, default the run's)")
+    if not pair_column and pairs is not None:
+        raise ConfigError(f"{run.path!r} classifies single texts; --text-pair and "
+                          "--text-pair-column apply to text-pair runs only")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ConfigError(f"{len(texts)} text(s) but {len(pairs)} --text-pair value(s); give "
+                          "one second text per text")
+    for name, values in (("text", texts), ("text pair", pairs or [])):
+        bad = [i for i, t in enumerate(values) if not isinstance(t, str)]
+        if bad:
+            raise ConfigError(f"{name} {bad[0]} is {values[bad[0]]!r}, not a string")
 
 
 @torch.no_grad()
 def predict_texts(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int = 32,
-                  max_length: int | None = None) -> pd.DataFrame:
-    """Classify ``texts``: one row each, in order.
+                  max_length: int | None = None,
+                  pairs: Sequence[str] | None = None) -> pd.DataFrame:
+    """Classify ``texts`` (with their ``pairs``, for a text-pair classifier): one row each.
 
-    Texts are truncated to ``max_length`` tokens, as the run's training and evaluation did.
+    Texts are encoded exactly as the run's training and evaluation did: the pair joined by the
+    tokenizer, truncated to ``max_length`` tokens.
 
     Args:
         loaded: A classifier from :meth:`fedsb_dp.Run.load_model` (eval mode).
-        texts: The texts.
+        texts: The texts (the first text of each pair).
         batch_size: Texts per forward pass.
-        max_length: Tokens per text (default: the tokenizer's limit).
+        max_length: Tokens per example (default: the tokenizer's limit).
+        pairs: The second text of each example, for a run trained on text pairs.
 
     Returns:
-        Columns ``text``, ``label`` (the most probable class, by name), ``probability`` (its
-        probability) and ``p_<name>`` for every class.
+        Columns ``text`` (and ``text_pair``), ``label`` (the most probable class, by name),
+        ``probability`` (its probability) and ``p_<name>`` for every class.
     """
     import pandas as pd
 
@@ -65,12 +85,15 @@ def predict_texts(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int 
     device = device_of(model)
     chunks = []
     for begin in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[begin:begin + batch_size]), padding=True,
+        second = None if pairs is None else list(pairs[begin:begin + batch_size])
+        batch = tokenizer(list(texts[begin:begin + batch_size]), second, padding=True,
                           truncation=True, max_length=max_length, return_tensors="pt")
         logits = model(**to_device(batch, device)).logits
         chunks.append(torch.softmax(logits.double(), dim=-1).cpu())
     probs = torch.cat(chunks).numpy()
     frame = pd.DataFrame({"text": list(texts)})
+    if pairs is not None:
+        frame["text_pair"] = list(pairs)
     best = probs.argmax(axis=1)
     frame[LABEL_COLUMN] = [names[i] for i in best]
     frame[SCORE_COLUMN] = probs[range(len(best)), best]
@@ -79,7 +102,7 @@ def predict_texts(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int 
     return frame
 
 
-def read_texts(path: str, column: str) -> list[str]:
+def read_texts(path: str, column: str, *, flag: str = "--text-column") -> list[str]:
     """The ``column`` of a CSV, JSON Lines or Parquet file, as strings.
 
     Raises:
@@ -103,6 +126,6 @@ def read_texts(path: str, column: str) -> list[str]:
         raise ConfigError(f"--input {path!r}: expected a .csv, .tsv, .jsonl, .json or "
                           ".parquet file")
     if column not in frame.columns:
-        raise ConfigError(f"--text-column {column!r} is not a column of {path!r} (columns: "
+        raise ConfigError(f"{flag} {column!r} is not a column of {path!r} (columns: "
                           f"{', '.join(map(str, frame.columns))})")
     return frame[column].fillna("").astype(str).tolist()

@@ -93,3 +93,43 @@ def test_readme_commands_export_reload_and_predict(run, tmp_path):
     torch.testing.assert_close(torch.tensor(preds[columns].to_numpy()), probs)
     assert preds["probability"].tolist() == pytest.approx(probs.max(-1).values.tolist())
     pd.testing.assert_frame_equal(run.predict(TEXTS), preds, check_exact=False)
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    words = ["rain", "sun", "snow", "wind", "fog", "heat"]
+    rows = [{"premise": f"the day brought {words[i % 6]} and then {words[(i + 1) % 6]} {i}",
+             "hypothesis": f"there was {words[(i + i % 2) % 6]}", "label": i % 2}
+            for i in range(80)]
+    return fedsb_dp.run(out=str(tmp_path_factory.mktemp("use") / "pairs"),
+                        data=pd.DataFrame(rows), text_column="premise",
+                        text_pair_column="hypothesis", **SMALL)
+
+
+def test_a_text_pair_run_predicts_from_both_texts(pair_run, run, tmp_path, capsys):
+    premises = ["the day brought rain and then sun", "the day brought fog and then heat"]
+    hypotheses = ["there was rain", "there was snow"]
+    with pytest.raises(fedsb_dp.ConfigError, match="classifies text pairs"):
+        pair_run.predict(premises)
+    with pytest.raises(fedsb_dp.ConfigError, match="2 text.s. but 1"):
+        pair_run.predict(premises, pairs=hypotheses[:1])
+    with pytest.raises(fedsb_dp.ConfigError, match="classifies single texts"):
+        run.predict(premises, pairs=hypotheses)
+    frame = pair_run.predict(premises, pairs=hypotheses)
+    loaded = pair_run.load_model()
+    batch = loaded.tokenizer(premises, hypotheses, padding=True, truncation=True,
+                             max_length=SMALL["max_length"], return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(**batch).logits.double(), dim=-1)
+    names = [loaded.model.config.id2label[i] for i in range(2)]
+    got = torch.tensor(frame[[f"p_{n}" for n in names]].to_numpy())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+    assert list(frame["text_pair"]) == hypotheses
+    # The CLI reads both columns of a file by the run's column names.
+    table = tmp_path / "pairs.csv"
+    pd.DataFrame({"premise": premises, "hypothesis": hypotheses}).to_csv(table, index=False)
+    assert main(["predict", pair_run.path, "--input", str(table), "--output",
+                 str(tmp_path / "out.csv")]) == 0
+    cli = pd.read_csv(tmp_path / "out.csv")
+    torch.testing.assert_close(torch.tensor(cli[[f"p_{n}" for n in names]].to_numpy()),
+                               expected, rtol=0, atol=1e-9)
