@@ -296,6 +296,36 @@ def _unit_hash(keys: pd.Series, seed: int) -> pd.Series:
     return keys.map(one)
 
 
+#: Key of the hash that picks capped evaluation records (any fixed value: it only has to be
+#: the same for every run, so that every method and seed is scored on the same records).
+EVAL_SAMPLE_KEY = 1
+EVAL_SAMPLES = ("hashed", "head")
+
+
+def cap_records(frame: pd.DataFrame, limit: int | None, *, rule: str = "hashed") -> pd.DataFrame:
+    """At most ``limit`` records of an evaluation split.
+
+    ``hashed`` keeps the records whose text has the smallest keyed hash: a sample that does
+    not depend on the file's order (20 Newsgroups' test file is sorted by newsgroup, so its
+    first 200 records are all one class) and is the same for every run on the dataset.
+    ``head`` keeps the first records in file order (what runs before the setting existed did).
+
+    Raises:
+        DataError: An unknown rule.
+    """
+    if rule not in EVAL_SAMPLES:
+        raise DataError(f"eval_sample={rule!r} is not one of {EVAL_SAMPLES}")
+    if limit is None or len(frame) <= limit:
+        return frame
+    if rule == "head":
+        return frame.head(limit)
+    key = _normalise(frame["text"])
+    if "text_pair" in frame.columns:
+        key = key + "\x00" + _normalise(frame["text_pair"])
+    order = _unit_hash(key, EVAL_SAMPLE_KEY).to_numpy().argsort(kind="stable")
+    return frame.iloc[sorted(order[:limit])].reset_index(drop=True)
+
+
 def _plain(value: Any) -> Any:
     """A cell as a JSON value that keeps its type (numpy scalars → Python, NaN → None)."""
     if hasattr(value, "item"):

@@ -168,3 +168,34 @@ def test_digest_follows_rows_order_and_label_type():
 def test_bad_in_memory_data_names_the_problem(data, message):
     with pytest.raises(DataError, match=message):
         load_text_classification(data)
+
+
+def test_capped_evaluation_samples_by_hash_not_by_file_order():
+    """A split sorted by label (20 Newsgroups' test file is) must not be cut to its first
+    class: the hashed cap keeps a sample that ignores the order and is the same every time."""
+    import pandas as pd
+
+    from fedsb_dp.data import cap_records
+
+    frame = pd.DataFrame({"text": [f"post {i} about topic {i // 100}" for i in range(1000)],
+                          "label": [i // 100 for i in range(1000)]})
+    assert set(cap_records(frame, 200, rule="head")["label"]) == {0, 1}
+    sample = cap_records(frame, 200)
+    assert len(sample) == 200 and sample["label"].nunique() == 10
+    assert sample["label"].value_counts().max() < 40
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    assert set(cap_records(shuffled, 200)["text"]) == set(sample["text"])
+    assert cap_records(frame, None) is frame and len(cap_records(frame, 5000)) == 1000
+    with pytest.raises(DataError, match="eval_sample='first'"):
+        cap_records(frame, 10, rule="first")
+
+
+def test_saved_runs_without_the_setting_keep_their_first_records_rule():
+    from fedsb_dp.federated.run_config import RunConfig, saved_settings
+
+    old = RunConfig(no_dp=True).to_dict()
+    del old["eval_sample"]
+    assert RunConfig.from_dict(saved_settings(old)).eval_sample == "head"
+    assert RunConfig(no_dp=True).eval_sample == "hashed"
+    assert RunConfig.from_dict(saved_settings(RunConfig(no_dp=True).to_dict())).eval_sample == (
+        "hashed")

@@ -65,7 +65,7 @@ from fedsb_dp.federated.client import (
 from fedsb_dp.federated.initialisation import init_events, init_record
 from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit, sigma_of
 from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
-from fedsb_dp.federated.run_config import RunConfig
+from fedsb_dp.federated.run_config import RunConfig, saved_settings
 from fedsb_dp.federated.server import payload_bytes, validate_update
 from fedsb_dp.federated.setup import (
     Evaluator,
@@ -384,7 +384,7 @@ class RoundProtocol:
         if not os.path.exists(os.path.join(out, rd.PROGRESS)):
             raise ConfigError(f"{out!r} is not a resumable run directory (no {rd.PROGRESS})")
         saved = rd.read_json(os.path.join(out, rd.CONFIG))["config"]
-        config = RunConfig.from_dict({**saved, "out": out})
+        config = RunConfig.from_dict({**saved_settings(saved), "out": out})
         return config, rd.read_json(os.path.join(out, rd.PROGRESS))
 
     @classmethod

@@ -11,7 +11,7 @@ from typing import Any
 
 from accounting.accountants import ACCOUNTANTS
 from fedsb_dp.adapters.initializers import GRADIENT_SOURCES, INIT_METHODS
-from fedsb_dp.data import DEFAULT_DATASET
+from fedsb_dp.data import DEFAULT_DATASET, EVAL_SAMPLES
 from fedsb_dp.devices import DTYPES, check_device_name
 from fedsb_dp.errors import ConfigError, SettingError, SettingsConflict
 from fedsb_dp.federated.client import OPTIMIZERS
@@ -152,6 +152,10 @@ class RunConfig:
                                             unit="records", unset="all")
     max_eval_records: int | None = setting(None, "evaluate on at most this many records",
                                            unit="records", unset="all")
+    eval_sample: str = setting(
+        "hashed", "which records --max-eval-records keeps: hashed (a keyed-hash sample, the "
+        "same for every run whatever the file's order) or head (the first in file order; "
+        "runs saved before this setting existed)", choices=EVAL_SAMPLES)
     # federation
     partition: str = setting("iid", "iid, dirichlet:<alpha> (label skew), quantity:<beta> "
                              "(size skew) or column:<NAME> (one client per value of column "
@@ -413,6 +417,16 @@ class RunConfig:
         Keys are the field names; ``overrides`` (the command line's flags) win.
         """
         return cls.from_dict({**read_settings_file(path), **overrides})
+
+
+#: Settings added after runs were already saved, with the value those runs used: a saved
+#: config without the key gets it here (a new run gets the field's default).
+SAVED_RUN_DEFAULTS = {"eval_sample": "head"}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings, with what it used for settings it predates."""
+    return {**SAVED_RUN_DEFAULTS, **saved}
 
 
 def _known_settings(data: dict[str, Any]) -> dict[str, Any]:

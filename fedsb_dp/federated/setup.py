@@ -25,6 +25,7 @@ from fedsb_dp.adapters.inject import trainable_modules
 from fedsb_dp.data import (
     IN_MEMORY_DATASET,
     TextClassificationData,
+    cap_records,
     load_text_classification,
 )
 from fedsb_dp.devices import resolve_device, resolve_dtype, train_in_float32
@@ -298,9 +299,8 @@ class Evaluator:
         """Tokenise the validation and test splits (capped by ``max_eval_records``)."""
         task = make_task(config, data)
         validation, test = data.validation, data.test
-        if config.max_eval_records is not None:
-            validation = validation.head(config.max_eval_records)
-            test = test.head(config.max_eval_records)
+        validation = cap_records(validation, config.max_eval_records, rule=config.eval_sample)
+        test = cap_records(test, config.max_eval_records, rule=config.eval_sample)
         return cls(validation=task.dataset(validation, tokenizer, max_length=config.max_length),
                    test=task.dataset(test, tokenizer, max_length=config.max_length),
                    collate=task.collate(tokenizer), task=task)

@@ -38,7 +38,8 @@ def aggregate(frame):
 
 #: Settings that must agree among the seeds averaged into one row (else the row mixes runs).
 BUDGET_COLUMNS = ("learning_rate", "batch_size", "local_steps", "rounds", "init", "num_clients",
-                  "model", "dataset", "max_length", "max_train_records", "max_grad_norm")
+                  "model", "dataset", "max_length", "max_train_records", "max_grad_norm",
+                  "max_eval_records", "eval_sample")
 
 
 def mixed_settings(frame) -> list[str]:

@@ -78,6 +78,10 @@ def run_row(path: str) -> dict[str, Any]:
         "num_clients": config.get("clients"), "model": config.get("model"),
         "dataset": config.get("dataset"), "max_length": config.get("max_length"),
         "max_train_records": config.get("max_train_records"),
+        "max_eval_records": config.get("max_eval_records"),
+        # A run saved before the setting existed evaluated the first records (run_config's
+        # SAVED_RUN_DEFAULTS; not imported here, which would pull in torch).
+        "eval_sample": config.get("eval_sample", "head"),
     }
 
 
