@@ -200,7 +200,7 @@ class RunConfig:
         check_device_name(self.device)
         method_cls = method_class(self.method)[0]
         if self.learning_rate is None:
-            object.__setattr__(self, "learning_rate", method_cls.default_learning_rate)
+            object.__setattr__(self, "learning_rate", method_cls.learning_rate_for(self.task))
         try:
             PartitionSpec.parse(self.partition)
         except ConfigError as exc:  # its message names the valid kinds and ranges

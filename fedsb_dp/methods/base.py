@@ -103,6 +103,15 @@ class FederatedMethod(ABC):
     # AdamW step size a run uses unless told otherwise; tuned per method under DP (the trained
     # parameters differ in kind and count), see docs/benchmarks.md.
     default_learning_rate: ClassVar[float] = LORA_LEARNING_RATE
+    # Its step size on a decoder (``--task causal-lm``) where one was measured; None: the same.
+    causal_lm_learning_rate: ClassVar[float | None] = None
+
+    @classmethod
+    def learning_rate_for(cls, task: str) -> float:
+        """The default step size of this method on ``task``."""
+        if task == "causal-lm" and cls.causal_lm_learning_rate is not None:
+            return cls.causal_lm_learning_rate
+        return cls.default_learning_rate
 
     def __init__(self, *, rank: int, scaling: float = 1.0, dropout: float = 0.0,
                  train_head: bool = True, train_pooler: bool = False) -> None:

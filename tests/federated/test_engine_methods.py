@@ -172,6 +172,10 @@ def test_each_method_gets_its_own_tuned_learning_rate_unless_told():
                                                             method="fedit").learning_rate
     with pytest.raises(ConfigError, match="learning_rate=0 must be > 0"):
         RunConfig(epsilon=3.0, learning_rate=0)
+    # On a decoder Fed-SB takes its measured decoder step; the others keep theirs.
+    assert RunConfig(epsilon=3.0, task="causal-lm").learning_rate == 0.1
+    assert RunConfig(epsilon=3.0, task="causal-lm", method="fedit").learning_rate == (
+        RunConfig(epsilon=3.0, method="fedit").learning_rate)
     saved = RunConfig(epsilon=3.0, method="ffa-lora").to_dict()
     assert RunConfig.from_dict(saved) == RunConfig(epsilon=3.0, method="ffa-lora")
 
