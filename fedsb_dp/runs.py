@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fedsb_dp.data import DEFAULT_DATASET, IN_MEMORY_DATASET
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.federated.run_config import RunConfig, saved_settings
+from fedsb_dp.federated.run_config import RunConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -208,7 +208,7 @@ def load_run(run_dir: str) -> Run:
     if missing:
         raise ConfigError(f"{run_dir!r} is not a run directory (no {', '.join(missing)})")
     saved = rd.read_json(os.path.join(run_dir, rd.CONFIG))
-    config = RunConfig.from_dict({**saved_settings(saved["config"]), "out": run_dir})
+    config = RunConfig.from_dict({**rd.saved_settings(saved["config"]), "out": run_dir})
     metrics_path = os.path.join(run_dir, rd.METRICS)
     rows = []
     if os.path.exists(metrics_path):

@@ -46,6 +46,19 @@ def _no_calibration_cache_for_accounting_tests(request, monkeypatch):
         monkeypatch.delenv("FEDSB_DP_CALIBRATION_CACHE", raising=False)
 
 
+def count_calls(monkeypatch, module, name: str) -> list[dict]:
+    """Wrap ``module.name`` so each call's keyword arguments are recorded; returns the record."""
+    calls: list[dict] = []
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def rotten_tomatoes():
     from fedsb_dp.data import load_text_classification

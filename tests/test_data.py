@@ -191,7 +191,8 @@ def test_capped_evaluation_samples_by_hash_not_by_file_order():
 
 
 def test_saved_runs_without_the_setting_keep_their_first_records_rule():
-    from fedsb_dp.federated.run_config import RunConfig, saved_settings
+    from fedsb_dp.federated.run_config import RunConfig
+    from fedsb_dp.federated.run_dir import saved_settings
 
     old = RunConfig(no_dp=True).to_dict()
     del old["eval_sample"]

@@ -65,7 +65,7 @@ from fedsb_dp.federated.client import (
 from fedsb_dp.federated.initialisation import init_events, init_record
 from fedsb_dp.federated.privacy_unit import PrivacyUnit, local_config, privacy_unit, sigma_of
 from fedsb_dp.federated.resume import uncommitted_note, uncommitted_rounds
-from fedsb_dp.federated.run_config import RunConfig, saved_settings
+from fedsb_dp.federated.run_config import RunConfig
 from fedsb_dp.federated.server import payload_bytes, validate_update
 from fedsb_dp.federated.setup import (
     Evaluator,
@@ -384,7 +384,7 @@ class RoundProtocol:
         if not os.path.exists(os.path.join(out, rd.PROGRESS)):
             raise ConfigError(f"{out!r} is not a resumable run directory (no {rd.PROGRESS})")
         saved = rd.read_json(os.path.join(out, rd.CONFIG))["config"]
-        config = RunConfig.from_dict({**saved_settings(saved), "out": out})
+        config = RunConfig.from_dict({**rd.saved_settings(saved), "out": out})
         return config, rd.read_json(os.path.join(out, rd.PROGRESS))
 
     @classmethod
@@ -532,11 +532,7 @@ class RoundProtocol:
         # Under client-level DP the cohort is secret, so whether a round aggregates must not
         # depend on who was in it: a rejected reply counts as a zero update (within the
         # sensitivity S), exactly like a non-finite one, and the reason stays operator-only.
-        refuse_round = bool(outcome.rejected) and self.unit.replies_are_releases
-        if outcome.rejected and not refuse_round:
-            logger.error("round %d: %d reply(ies) rejected and counted as zero updates",
-                         ticket.round_index + 1, len(outcome.rejected))
-        if refuse_round:
+        if outcome.rejected and self.unit.replies_are_releases:
             logger.error("round %d is not aggregated: %d reply(ies) rejected",
                          ticket.round_index + 1, len(outcome.rejected))
         elif len(outcome.valid) < self.unit.min_valid_replies:
@@ -544,6 +540,9 @@ class RoundProtocol:
                          ticket.round_index + 1, len(outcome.valid),
                          self.unit.min_valid_replies)
         else:
+            if outcome.rejected:
+                logger.error("round %d: %d reply(ies) rejected and counted as zero updates",
+                             ticket.round_index + 1, len(outcome.rejected))
             aggregate = self.unit.combine(
                 self.method, self.model, ticket.global_state,
                 [updates[cid].state for cid in outcome.valid], sigma=self.sigma,

@@ -419,16 +419,6 @@ class RunConfig:
         return cls.from_dict({**read_settings_file(path), **overrides})
 
 
-#: Settings added after runs were already saved, with the value those runs used: a saved
-#: config without the key gets it here (a new run gets the field's default).
-SAVED_RUN_DEFAULTS = {"eval_sample": "head"}
-
-
-def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's settings, with what it used for settings it predates."""
-    return {**SAVED_RUN_DEFAULTS, **saved}
-
-
 def _known_settings(data: dict[str, Any]) -> dict[str, Any]:
     known = {item.name for item in settings_of(RunConfig)}
     normalised = {k.replace("-", "_"): v for k, v in data.items()}

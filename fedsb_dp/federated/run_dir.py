@@ -29,6 +29,15 @@ from typing import Any
 
 from fedsb_dp.errors import ConfigError
 
+#: Settings added after runs were already saved, with the value those runs used: a saved
+#: config without the key gets it here (a new run gets the field's default).
+SAVED_RUN_DEFAULTS = {"eval_sample": "head"}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings (``config.json``'s ``config``) with the values of later ones."""
+    return {**SAVED_RUN_DEFAULTS, **saved}
+
 CONFIG = "config.json"
 LEDGER = "ledger.json"
 METRICS = "metrics.jsonl"

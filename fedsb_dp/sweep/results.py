@@ -79,9 +79,7 @@ def run_row(path: str) -> dict[str, Any]:
         "dataset": config.get("dataset"), "max_length": config.get("max_length"),
         "max_train_records": config.get("max_train_records"),
         "max_eval_records": config.get("max_eval_records"),
-        # A run saved before the setting existed evaluated the first records (run_config's
-        # SAVED_RUN_DEFAULTS; not imported here, which would pull in torch).
-        "eval_sample": config.get("eval_sample", "head"),
+        "eval_sample": rd.saved_settings(config)["eval_sample"],
     }
 
 

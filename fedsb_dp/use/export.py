@@ -301,7 +301,9 @@ def load_sb_export(directory: str, *, device: str | None = None) -> LoadedModel:
     if record.get("format") != "sb":
         raise ConfigError(f"{directory!r} is a {record.get('format')!r} export; load it with "
                           "PEFT/transformers (see its export.json 'layout')")
-    config = RunConfig.from_dict(record["run_config"])
+    from fedsb_dp.federated.run_dir import saved_settings
+
+    config = RunConfig.from_dict(saved_settings(record["run_config"]))
     return assemble(config, record["label_names"], directory, device=device)
 
 

@@ -22,6 +22,7 @@ from accounting import (
 )
 from accounting.accountants import OPACUS_RDP_ORDERS, _atoms, _rdp_accountant
 from accounting.errors import AccountingError
+from conftest import count_calls
 
 
 def sgm(sigma: float, q: float, steps: int):
@@ -202,17 +203,11 @@ def test_memoised_answers_depend_on_every_part_of_the_query(monkeypatch):
     from accounting import accountants
 
     accountants.clear_epsilon_cache()
-    calls = []
-    original = accountants._compute_epsilon
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["accountant"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(accountants, "_compute_epsilon", counting)
+    calls = count_calls(monkeypatch, accountants, "_compute_epsilon")
     event = sgm(1.1, 0.05, 40)
     first = compute_epsilon(event, delta=1e-5)
-    assert compute_epsilon(event, delta=1e-5) is first and calls == ["prv"]
+    assert compute_epsilon(event, delta=1e-5) is first
+    assert [call["accountant"] for call in calls] == ["prv"]
     fresh = {
         "delta": compute_epsilon(event, delta=1e-6).epsilon,
         "accountant": compute_epsilon(event, delta=1e-5, accountant="rdp").epsilon,

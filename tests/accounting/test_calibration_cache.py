@@ -10,6 +10,7 @@ import pytest
 from accounting import FederatedPlan, calibrate_noise_multiplier, calibrate_per_client
 from accounting import calibration as calibration_module
 from accounting.accountants import clear_epsilon_cache
+from conftest import count_calls
 
 PLAN = FederatedPlan(sampling_probabilities={"a": 0.02, "b": 0.02, "c": 0.05}, local_steps=5,
                      rounds=4)
@@ -18,14 +19,7 @@ TARGET = dict(target_epsilon=2.0, target_delta=1e-5, accountant="rdp")
 
 @pytest.fixture()
 def searches(monkeypatch):
-    calls = []
-    original = calibration_module._search
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["target_epsilon"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(calibration_module, "_search", counting)
+    calls = count_calls(monkeypatch, calibration_module, "_search")
     clear_epsilon_cache()  # so a cache hit cannot hide behind the in-process memo
     return calls
 
