@@ -427,9 +427,10 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
         "## Every grid point", "", table, "",
         *(["## Fed-SB against the best baseline", "",
            "Best Fed-SB rank vs the most accurate other federated method at the same "
-           "partition and ε; gap in accuracy points; a gap within the larger seed std is a "
-           "tie; bytes_ratio = the baseline's total traffic / Fed-SB's; paired_gaps = the "
-           "gap seed by seed (a seed fixes the client split), on the seeds both ran.", "",
+           "partition and ε; gap in accuracy points; the verdict is the paired 95 % t "
+           "interval's (next section): no verdict while it contains 0; bytes_ratio = the "
+           "baseline's total traffic / Fed-SB's; paired_gaps = the gap seed by seed (a seed "
+           "fixes the client split), on the seeds both ran.", "",
            markdown_table(versus, versus_columns), ""] if not versus.empty else []),
         *(["## Paired differences (Fed-SB − rival, accuracy points)", "",
            PAIRED_NOTE, "", markdown_table(paired, list(paired.columns)), ""]
