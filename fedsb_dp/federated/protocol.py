@@ -643,6 +643,8 @@ class RoundProtocol:
             "bytes_down": progress["bytes_down"],
             "trainable_parameters": sum(p.numel() for p in model.parameters()
                                         if p.requires_grad),
+            # RoLoRA trains half of its adapter per round: its noise has that dimension.
+            "noised_parameters": self.method.noised_parameters(model),
             "clients": dict(self.prepared.sizes),
             "seed_mode": "seeded" if self.streams.seeded else "os-entropy",
             "label_names": list(self.prepared.evaluator.label_names),

@@ -184,6 +184,14 @@ class FederatedMethod(ABC):
         """Undo :meth:`begin_round` (checkpoints and adapters hold every factor)."""
         del model
 
+    def noised_parameters(self, model: nn.Module) -> int:
+        """The most parameters one DP-SGD step clips and noises, over the rounds.
+
+        The dimension d of the noise vector, so σ·C·√d is a step's noise norm. Every
+        tensor that trains does so in every round unless the method alternates.
+        """
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
     def setup_payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Frozen adapter tensors every client must receive once, before round 1."""
         del model

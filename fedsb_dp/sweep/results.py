@@ -48,7 +48,8 @@ def run_row(path: str) -> dict[str, Any]:
     else:
         epsilon, delta = math.inf, summary["privacy"].get("delta")
     sigma = summary["noise_multiplier"]
-    d = summary["trainable_parameters"]
+    # A summary from before noised_parameters (RoLoRA's per-round d) has only the total.
+    d = summary.get("noised_parameters", summary["trainable_parameters"])
     clip = config["max_grad_norm"]
     return {
         "run": os.path.basename(os.path.normpath(path)),

@@ -56,6 +56,8 @@ def test_trainable_parameter_counts(runs):
     assert d["fedit"] == d["fedex-lora"] == d["flora"] == LAYERS * r * (384 + 384) + HEAD
     assert d["ffa-lora"] == LAYERS * r * 384 + HEAD
     assert d["head-only"] == HEAD
+    # None of these alternates: each step noises every trainable parameter.
+    assert {m: r.summary["noised_parameters"] for m, r in runs.items()} == d
 
 
 def test_measured_traffic_per_client_per_round(runs):

@@ -51,6 +51,11 @@ def test_run_resume_and_saved_adapter(tmp_path, method):
         assert torch.equal(a[key], b[key]), key
 
     w, r = MINILM["width"], TINY["rank"]
+    # Both train one factor per DP-SGD step: that (and the head) is what the noise covers.
+    one_factor = MINILM["layers"] * r * w + MINILM["head"]
+    assert whole.summary["noised_parameters"] == one_factor
+    assert whole.summary["trainable_parameters"] == (
+        one_factor if method == "fedsvd" else one_factor + MINILM["layers"] * r * w)
     up = [m["bytes_up_by_client"]["client-0"] for m in _metrics(whole.run_dir)]
     down = [m["bytes_down_by_client"]["client-0"] for m in _metrics(whole.run_dir)]
     factor = MINILM["layers"] * r * w * 4  # one factor of every layer, float32 bytes
