@@ -74,7 +74,7 @@ from fedsb_dp.federated.setup import (
     sb_config,
     targets_of,
 )
-from fedsb_dp.methods import FederatedMethod, adapted_layers, truncate_state
+from fedsb_dp.methods import FederatedMethod, adapted_layers, trainable_count, truncate_state
 from fedsb_dp.rng import RandomStreams
 
 logger = logging.getLogger(__name__)
@@ -641,8 +641,7 @@ class RoundProtocol:
             **self.unit.summary(progress["engine"]),
             "bytes_setup": progress["bytes_setup"], "bytes_up": progress["bytes_up"],
             "bytes_down": progress["bytes_down"],
-            "trainable_parameters": sum(p.numel() for p in model.parameters()
-                                        if p.requires_grad),
+            "trainable_parameters": trainable_count(model),
             # RoLoRA trains half of its adapter per round: its noise has that dimension.
             "noised_parameters": self.method.noised_parameters(model),
             "clients": dict(self.prepared.sizes),

@@ -5,7 +5,13 @@ same adapters on the pooled data as a single client.
 """
 
 from fedsb_dp.errors import ConfigError
-from fedsb_dp.methods.base import Aggregate, FederatedMethod, adapted_layers, effective_weights
+from fedsb_dp.methods.base import (
+    Aggregate,
+    FederatedMethod,
+    adapted_layers,
+    effective_weights,
+    trainable_count,
+)
 from fedsb_dp.methods.fedex_lora import FedExLoRA
 from fedsb_dp.methods.fedit import FedIT
 from fedsb_dp.methods.fedsb import FedSB, pad_state, set_active_rank, truncate_state
@@ -45,5 +51,6 @@ __all__ = [
     "METHODS", "Aggregate", "FFALoRA", "FLoRA", "FedExLoRA", "FedIT", "FedSB", "FedSVD",
     "FederatedMethod", "RoLoRA",
     "adapted_layers", "effective_weights", "method_class", "pad_state", "set_active_rank",
+    "trainable_count",
     "truncate_state",
 ]

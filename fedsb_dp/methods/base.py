@@ -66,6 +66,11 @@ def normalised_weights(count: int, weights: Sequence[float] | None) -> list[floa
     return [w / total for w in weights]
 
 
+def trainable_count(model: nn.Module) -> int:
+    """How many parameters of ``model`` train now (``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every adapter-carrying layer (LoRA-SB or LoRA), by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SBLinear | LoRALinear)}
@@ -105,6 +110,8 @@ class FederatedMethod(ABC):
     default_learning_rate: ClassVar[float] = LORA_LEARNING_RATE
     # Its step size on a decoder (``--task causal-lm``) where one was measured; None: the same.
     causal_lm_learning_rate: ClassVar[float | None] = None
+    # Rounds after which begin_round's trainable set repeats (RoLoRA alternates: 2).
+    round_cycle: ClassVar[int] = 1
 
     @classmethod
     def learning_rate_for(cls, task: str) -> float:
@@ -187,10 +194,15 @@ class FederatedMethod(ABC):
     def noised_parameters(self, model: nn.Module) -> int:
         """The most parameters one DP-SGD step clips and noises, over the rounds.
 
-        The dimension d of the noise vector, so σ·C·√d is a step's noise norm. Every
-        tensor that trains does so in every round unless the method alternates.
+        The dimension d of the noise vector, so σ·C·√d is a step's noise norm: the largest
+        trainable set :meth:`begin_round` selects over one :attr:`round_cycle`.
         """
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts = []
+        for round_index in range(self.round_cycle):
+            self.begin_round(model, round_index)
+            counts.append(trainable_count(model))
+        self.end_round(model)
+        return max(counts)
 
     def setup_payload(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Frozen adapter tensors every client must receive once, before round 1."""

@@ -42,6 +42,7 @@ class RoLoRA(FedIT):
 
     name = "rolora"
     exact = True
+    round_cycle = len(FACTORS)
     description = "LoRA factors trained in turn (B, then A), the other frozen; averaged (exact)"
 
     def begin_round(self, model: nn.Module, round_index: int) -> None:
@@ -56,15 +57,6 @@ class RoLoRA(FedIT):
         for layer in lora_layers(model).values():
             for part in FACTORS:
                 getattr(layer, part).weight.requires_grad_(True)
-
-    def noised_parameters(self, model: nn.Module) -> int:
-        """The larger of a B round's and an A round's trained set (head included)."""
-        counts = []
-        for round_index in range(len(FACTORS)):
-            self.begin_round(model, round_index)
-            counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
-        self.end_round(model)
-        return max(counts)
 
     def shared_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The factor held fixed this round (none between rounds)."""
