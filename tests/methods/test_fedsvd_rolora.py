@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
-from test_methods import _aggregate_weights, _client_states, _max_error, _model
+from test_methods import RANK, _aggregate_weights, _client_states, _max_error, _model
 
-from fedsb_dp.adapters import trainable_state
+from conftest import tiny_bert
+from fedsb_dp.adapters import find_target_modules, random_orthonormal_init, trainable_state
 from fedsb_dp.adapters.inject import frozen_fingerprint, train_only
 from fedsb_dp.adapters.lora import lora_layers
 from fedsb_dp.errors import ConfigError
+from fedsb_dp.methods import method_class
 from fedsb_dp.methods.fedsvd import refactorise
 from fedsb_dp.methods.rolora import trained_factor
 
@@ -106,3 +108,23 @@ def test_train_only_narrows_and_restores():
     base = next(n for n, _ in model.named_parameters() if n.endswith("base_layer.weight"))
     with pytest.raises(ConfigError, match="not trainable"), train_only(model, [base]):
         pass
+
+
+def test_rolora_noise_dimension_is_the_larger_factor_whichever_round_trains_it():
+    # On the FFN's output layer (48 → 32) A (r × 48) outgrows B (32 × r), and RoLoRA's round 0
+    # trains B: a count of round 0 alone (a cycle of one round) would undercount the noise.
+    model = tiny_bert().double()
+    cls, _ = method_class("rolora")
+    method = cls(rank=RANK, scaling=2.0)
+    targets = find_target_modules(model, ("output.dense",), rank=RANK)
+    method.inject(model, targets, generator=torch.Generator().manual_seed(0),
+                  factors=random_orthonormal_init(targets, rank=RANK, seed=0).factors)
+    head = sum(p.numel() for n, p in model.named_parameters() if "classifier" in n)
+    layers = list(lora_layers(model).values())
+    by_factor = {part: head + sum(getattr(layer, part).weight.numel() for layer in layers)
+                 for part in ("lora_B", "lora_A")}
+    assert by_factor["lora_A"] > by_factor["lora_B"]  # else this test could not tell
+    assert method.noised_parameters(model) == by_factor["lora_A"]
+    # and the count leaves every factor trainable again for checkpoints and adapters
+    assert all(layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
+               for layer in layers)
