@@ -10,6 +10,7 @@ import base64
 import html
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,46 @@ def aggregate(frame):
     ).reset_index()
     out["accuracy_std"] = out["accuracy_std"].fillna(0.0)
     return out
+
+
+#: What makes two grids different experiments even at the same partition and ε.
+SETUP_COLUMNS = ("dataset", "num_clients")
+#: Joins a partition to its setup in a row label: ``iid · 10 clients``.
+SETUP_SEPARATOR = " · "
+
+
+def distinguish_setups(frame):
+    """Label each run's partition with its dataset and client count where those vary.
+
+    Grids merged into one report (3 and 10 clients, Rotten Tomatoes and 20 Newsgroups) are
+    different experiments at the same partition and ε: without this their runs would be
+    averaged into one row and compared across setups. Only the settings that vary are named,
+    so a single grid's labels are left as they are.
+
+    Args:
+        frame: Per-run results (a copy is returned; the input is not modified).
+
+    Returns:
+        The frame with ``partition`` relabelled, e.g. ``iid · 20newsgroups · 10 clients``.
+    """
+    frame = frame.copy()
+    varying = [c for c in SETUP_COLUMNS
+               if c in frame.columns and frame[c].nunique(dropna=False) > 1]
+    if not varying:
+        return frame
+
+    def label(row) -> str:
+        parts = [str(row["partition"])]
+        for column in varying:
+            value = row[column]
+            if column == "num_clients":
+                parts.append("? clients" if value != value else f"{int(value)} clients")
+            else:
+                parts.append("default dataset" if value != value else str(value))
+        return SETUP_SEPARATOR.join(parts)
+
+    frame["partition"] = frame.apply(label, axis=1)
+    return frame
 
 
 #: Settings that must agree among the seeds averaged into one row (else the row mixes runs).
@@ -292,18 +333,22 @@ def _method_key(method: str) -> tuple[int, str]:
     return known, method
 
 
-def partition_key(partition: str) -> tuple[int, float, str]:
-    """Sort key of a partition in paper order.
+def partition_key(partition: str) -> tuple[Any, ...]:
+    """Sort key of a partition (or a :func:`distinguish_setups` label) in paper order.
 
     IID first, then Dirichlet by decreasing α (more skewed later), then quantity skew by
-    decreasing β, then anything else (e.g. ``pooled``) by name.
+    decreasing β, then anything else (e.g. ``pooled``) by name; within a partition, setups in
+    natural order (3 clients before 10).
     """
+    kind, *setup = partition.split(SETUP_SEPARATOR)
+    natural = tuple(tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+                          for t in re.split(r"(\d+)", part) if t) for part in setup)
     try:
-        spec = PartitionSpec.parse(partition)
+        spec = PartitionSpec.parse(kind)
     except ConfigError:
-        return 3, 0.0, partition
+        return 3, 0.0, natural, partition
     rank = {"iid": 0, "dirichlet": 1, "quantity": 2}.get(spec.kind, 3)
-    return rank, -(spec.concentration or 0.0), partition
+    return rank, -(spec.concentration or 0.0), natural, partition
 
 
 def _pair_key(pair: tuple[str, int]) -> tuple[int, str, int]:
@@ -397,6 +442,7 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     """
     frame = _gather(path, merge)
     frame.to_csv(os.path.join(path, RESULTS_FILE), index=False)
+    frame = distinguish_setups(frame)  # after the CSV, which keeps the plain partition
     recomputed = int((frame["source"] == "ledger").sum())
     provenance = (f"{recomputed} runs' ε recomputed from their ledgers for this report"
                   + "".join(f"; {n} rows from {name}, whose ε was recomputed when that file "
@@ -426,9 +472,10 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
         "", markdown_table(grid, list(grid.columns)), "",
         "## Every grid point", "", table, "",
         *(["## Fed-SB against the best baseline", "",
-           "Best Fed-SB rank vs the most accurate other federated method at the same "
-           "partition and ε; gap in accuracy points; the verdict is the paired 95 % t "
-           "interval's (next section): no verdict while it contains 0; bytes_ratio = the "
+           "Best Fed-SB rank vs the most accurate other federated method at the same setup, "
+           "partition and ε (merged grids of other client counts or datasets are labelled "
+           "apart); gap in accuracy points; the verdict is the paired 95 % t interval's "
+           "(next section): no verdict while it contains 0; bytes_ratio = the "
            "baseline's total traffic / Fed-SB's; paired_gaps = the gap seed by seed (a seed "
            "fixes the client split), on the seeds both ran.", "",
            markdown_table(versus, versus_columns), ""] if not versus.empty else []),

@@ -253,6 +253,29 @@ def test_report_warns_when_a_row_averages_different_budgets():
     assert mixed_settings(unset) == []  # an unset cap is the same setting in both runs
 
 
+def test_merged_grids_of_other_client_counts_or_datasets_stay_apart():
+    from fedsb_dp.sweep.report import aggregate, comparison, distinguish_setups, mixed_settings
+
+    rows = []
+    for clients, ours, theirs in ((3, 0.72, 0.70), (10, 0.60, 0.66)):
+        rows += [dict(method="fedsb", seed=s, test_accuracy=ours + 0.01 * s,
+                      num_clients=clients) for s in range(3)]
+        rows += [dict(method="ffa-lora", seed=s, test_accuracy=theirs + 0.01 * s,
+                      num_clients=clients) for s in range(3)]
+    frame = distinguish_setups(_frame(rows))
+    assert mixed_settings(frame) == []
+    summary = aggregate(frame)
+    assert sorted(summary["partition"].unique()) == ["iid · 10 clients", "iid · 3 clients"]
+    versus = comparison(summary, frame)
+    assert versus["partition"].tolist() == ["iid · 3 clients", "iid · 10 clients"]
+    assert versus["verdict"].tolist() == ["Fed-SB ahead", "Fed-SB behind"]
+    # one grid, or grids that agree on the setup: labels untouched
+    assert distinguish_setups(_frame(rows[:6]))["partition"].eq("iid").all()
+    both = distinguish_setups(_frame([dict(method="fedsb", seed=0, test_accuracy=0.7,
+                                           dataset=d) for d in ("rt", "20newsgroups")]))
+    assert sorted(both["partition"]) == ["iid · 20newsgroups", "iid · rt"]
+
+
 def test_an_archive_keeps_no_weights_and_reports_from_its_own_ledgers(sweep_dir, tmp_path):
     from fedsb_dp.sweep.archive import AUDIT_FILES, archive_runs
 
