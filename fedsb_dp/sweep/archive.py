@@ -16,7 +16,7 @@ import tempfile
 
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.sweep.results import run_dirs
+from fedsb_dp.sweep.results import ERROR_FILE, run_dirs, unfinished_cells
 
 #: Files a report and an ε audit read; everything else in a run directory stays behind.
 AUDIT_FILES = (rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROVENANCE, rd.SUMMARY)
@@ -53,7 +53,9 @@ def archive_runs(source: str, dest: str) -> list[str]:
 
     Each cell is written to a temporary directory and renamed into place, so an interrupted
     archive never leaves a half-copied cell. A cell already in ``dest`` is left alone when its
-    files are identical and refused otherwise: an archive is never silently rewritten.
+    files are identical and refused otherwise: an archive is never silently rewritten. A cell
+    that was refused or failed keeps its ``error.json`` (with its config and any ledger), so
+    the archive's report names it; archived that way, it is replaced once it has finished.
 
     Args:
         source: A sweep directory, a directory of runs, or one run.
@@ -73,6 +75,8 @@ def archive_runs(source: str, dest: str) -> list[str]:
         name = os.path.basename(os.path.normpath(run))
         target = os.path.join(cells, name)
         present = [f for f in AUDIT_FILES if os.path.exists(os.path.join(run, f))]
+        if _unfinished(target):  # archived when it had failed; it has finished since
+            shutil.rmtree(target)
         if os.path.exists(target):
             same = all(_same(run, target, f) for f in present)
             if not same:
@@ -89,7 +93,34 @@ def archive_runs(source: str, dest: str) -> list[str]:
                 shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
         os.replace(staging, target)
         done.append(target)
+    # A refused or failed cell keeps its reason (and its ledger, if it spent anything), so
+    # the archive's report still says which seed is missing and why.
+    for cell in unfinished_cells(source):
+        target = os.path.join(cells, cell["run"])
+        if os.path.exists(target):
+            continue
+        run = os.path.join(_cells_root(source), cell["run"])
+        staging = tempfile.mkdtemp(prefix=f".{cell['run']}.", dir=cells)
+        for f in (ERROR_FILE, rd.CONFIG, rd.LEDGER):
+            if not os.path.exists(os.path.join(run, f)):
+                continue
+            if f == rd.CONFIG:
+                rd.write_json_atomic(os.path.join(staging, f),
+                                     archived_config(os.path.join(run, f)))
+            else:
+                shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
+        os.replace(staging, target)
     return done
+
+
+def _cells_root(path: str) -> str:
+    cells = os.path.join(path, "cells")
+    return cells if os.path.isdir(cells) else path
+
+
+def _unfinished(cell: str) -> bool:
+    return (os.path.isfile(os.path.join(cell, ERROR_FILE))
+            and not os.path.exists(os.path.join(cell, rd.SUMMARY)))
 
 
 def read_merged_results(path: str):

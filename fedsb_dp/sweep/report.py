@@ -17,7 +17,7 @@ from typing import Any
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.sweep.paired import HEAD_ONLY, paired_difference, paired_table
-from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results
+from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results, unfinished_cells
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
 
@@ -458,6 +458,10 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     paired = paired_table(frame)
     mixed = mixed_settings(frame)
     over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
+    missing = unfinished_cells(path)
+    missing_lines = [f"- `{c['run']}`: {c['error']} "
+                     f"({'its ledger records releases' if c['spent'] else 'no budget spent'})"
+                     for c in missing]
     md = [
         "# Privacy-utility report", "",
         f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "
@@ -466,6 +470,9 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
         f"Runs whose recomputed ε exceeds the target: {len(over)}.", "",
         *([f"**Warning: rows averaging runs with different training settings:** "
            f"{'; '.join(mixed)}", ""] if mixed else []),
+        *([f"**Cells that did not run ({len(missing)})**: their seeds are missing from the "
+           "means and from every paired comparison.", "", *missing_lines, ""]
+          if missing else []),
         "## Test accuracy", "",
         "Mean ± std over seeds (number of seeds); σ: the row's largest noise multiplier, a mean "
         "over seeds (each seed's skewed split sets its own q).",
@@ -500,6 +507,10 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
             f"<p>{len(frame)} runs; ε recomputed from every run's ledger; runs above their "
             f"target: {len(over)}.</p><p>Sources: {html.escape(provenance)}.</p>"
             + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
+            + (f"<p><b>Cells that did not run ({len(missing)})</b>: their seeds are missing "
+               "from the means and from every paired comparison.</p><ul>"
+               + "".join(f"<li>{html.escape(line[2:])}</li>" for line in missing_lines)
+               + "</ul>" if missing else "")
             + "<h2>Test accuracy</h2>" + _html_table(grid, list(grid.columns))
             + "<h2>Every grid point</h2>" + _html_table(summary, COLUMNS)
             + ("<h2>Fed-SB against the best baseline</h2>"

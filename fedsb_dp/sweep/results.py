@@ -12,6 +12,8 @@ from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated import run_dir as rd
 
 RESULTS_FILE = "results.csv"
+#: What a sweep leaves in a cell that was refused or failed: ``{"error": "<Type>: <message>"}``.
+ERROR_FILE = "error.json"
 #: Row order of every results table.
 ROW_ORDER = ["partition", "method", "rank", "target_epsilon", "seed"]
 
@@ -27,6 +29,32 @@ def run_dirs(path: str) -> list[str]:
                    if os.path.exists(os.path.join(root, d, rd.SUMMARY)))
     if not found:
         raise ConfigError(f"{path!r} holds no finished run (no {rd.SUMMARY} found)")
+    return found
+
+
+def unfinished_cells(path: str) -> list[dict[str, Any]]:
+    """Cells under ``path`` that were refused or failed (``error.json``, no summary).
+
+    A sweep records why a cell did not run (say, a Dirichlet draw that leaves some client
+    fewer records than a batch) and goes on; a report must say so, else the grid silently
+    loses that seed.
+
+    Returns:
+        One ``{"run", "error", "spent"}`` per such cell, by name; ``spent`` tells whether its
+        ledger holds any release (a cell refused before training has none).
+    """
+    root = os.path.join(path, "cells") if os.path.isdir(os.path.join(path, "cells")) else path
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        cell = os.path.join(root, name)
+        error = os.path.join(cell, ERROR_FILE)
+        if os.path.exists(os.path.join(cell, rd.SUMMARY)) or not os.path.isfile(error):
+            continue
+        ledger = os.path.join(cell, rd.LEDGER)
+        spent = os.path.isfile(ledger) and os.path.getsize(ledger) > 0
+        found.append({"run": name, "error": _read(error).get("error", "?"), "spent": spent})
     return found
 
 

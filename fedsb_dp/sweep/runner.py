@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from accounting import calibration_cache
 from fedsb_dp.errors import ConfigError, FedSBError
 from fedsb_dp.federated import run_dir as rd
+from fedsb_dp.sweep.results import ERROR_FILE
 from fedsb_dp.sweep.spec import Cell, SweepSpec
 
 #: Sweep subdirectory of calibrated σ shared by its cells (unless the environment names one).
@@ -22,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.json"
 CELLS = "cells"
-ERROR_FILE = "error.json"
 
 
 def cell_dir(out: str, cell: Cell) -> str:

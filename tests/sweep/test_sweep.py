@@ -276,6 +276,39 @@ def test_merged_grids_of_other_client_counts_or_datasets_stay_apart():
     assert sorted(both["partition"]) == ["iid · 20newsgroups", "iid · rt"]
 
 
+def test_a_refused_cell_is_named_by_the_report_and_kept_by_the_archive(sweep_dir, tmp_path):
+    from fedsb_dp.sweep.archive import archive_runs
+
+    out = str(tmp_path / "grid")
+    shutil.copytree(sweep_dir, out)
+    # 120 records cannot give 2 clients 50 records of each label: refused before training.
+    skewed = _spec(partitions=["iid", "dirichlet:0.5:50"])
+    statuses = run_sweep(skewed, out)
+    refused = [name for name, status in statuses.items() if status == "failed"]
+    assert refused and all("dirichlet" in name for name in refused)
+    for directory in (out, str(tmp_path / "archive")):
+        if directory != out:
+            archive_runs(out, directory)
+        report = open(write_report(directory)["markdown"], encoding="utf-8").read()
+        assert f"Cells that did not run ({len(refused)})" in report
+        for name in refused:
+            assert f"`{name}`" in report
+        assert report.count("no budget spent") == len(refused)
+        html_page = open(os.path.join(directory, "report.html"), encoding="utf-8").read()
+        assert "Cells that did not run" in html_page
+    archived = os.path.join(tmp_path, "archive", "cells", refused[0])
+    assert "50" in json.load(open(os.path.join(archived, "error.json"), encoding="utf-8"))[
+        "error"]
+    # Once the cell has finished (its files stand in for a rerun here), archiving again
+    # replaces the failure record with the run.
+    cell = os.path.join(out, "cells", refused[0])
+    shutil.rmtree(cell)
+    shutil.copytree(os.path.join(out, "cells", "eps3_fedsb_r2_iid_s0"), cell)
+    archive_runs(out, str(tmp_path / "archive"))
+    assert os.path.exists(os.path.join(archived, "summary.json"))
+    assert not os.path.exists(os.path.join(archived, "error.json"))
+
+
 def test_an_archive_keeps_no_weights_and_reports_from_its_own_ledgers(sweep_dir, tmp_path):
     from fedsb_dp.sweep.archive import AUDIT_FILES, archive_runs
 
