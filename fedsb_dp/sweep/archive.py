@@ -65,13 +65,20 @@ def archive_runs(source: str, dest: str) -> list[str]:
         The archived cell directories, in ``source`` order.
 
     Raises:
-        ConfigError: If ``source`` holds no finished run or ``dest`` holds a different run of
-            the same name.
+        ConfigError: If ``source`` holds neither a finished run nor a refused cell, or ``dest``
+            holds a different run of the same name.
     """
+    refused = unfinished_cells(source)
+    try:
+        finished = run_dirs(source)
+    except ConfigError:
+        if not refused:
+            raise
+        finished = []  # only refused cells: their records are still worth keeping
     cells = os.path.join(dest, "cells")
     os.makedirs(cells, exist_ok=True)
     done = []
-    for run in run_dirs(source):
+    for run in finished:
         name = os.path.basename(os.path.normpath(run))
         target = os.path.join(cells, name)
         present = [f for f in AUDIT_FILES if os.path.exists(os.path.join(run, f))]
@@ -95,7 +102,7 @@ def archive_runs(source: str, dest: str) -> list[str]:
         done.append(target)
     # A refused or failed cell keeps its reason (and its ledger, if it spent anything), so
     # the archive's report still says which seed is missing and why.
-    for cell in unfinished_cells(source):
+    for cell in refused:
         target = os.path.join(cells, cell["run"])
         if os.path.exists(target):
             continue

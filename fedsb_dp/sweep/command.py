@@ -69,11 +69,13 @@ def _sweep(args: argparse.Namespace) -> int:
     from fedsb_dp.sweep.plan import (
         estimate_s,
         format_duration,
+        is_done,
         measured_speed,
         plan_lines,
         wall_time,
     )
     from fedsb_dp.sweep.report import write_report
+    from fedsb_dp.sweep.results import unfinished_cells
     from fedsb_dp.sweep.runner import cell_dir, check_sweep_dir, run_sweep
 
     spec = spec_from_args(args)
@@ -106,6 +108,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
     statuses = run_sweep(spec, args.out, progress=not args.no_progress, on_cell=report,
                          workers=args.workers)
+    if not any(is_done(cell_dir(args.out, c)) for c in cells):
+        # Nothing to tabulate; say why each cell did not run instead of "no finished run".
+        for cell in unfinished_cells(args.out):
+            print(f"  {cell['run']}: {cell['error']}")
+        print(f"no cell of {args.out!r} finished: no report")
+        return 1
     outputs = write_report(args.out)
     print(f"report: {outputs['markdown']} and {outputs['html']}")
     return 1 if any(s == "failed" for s in statuses.values()) else 0
@@ -122,10 +130,14 @@ def _report(args: argparse.Namespace) -> int:
 
 def _archive(args: argparse.Namespace) -> int:
     from fedsb_dp.sweep.archive import archive_runs
+    from fedsb_dp.sweep.results import unfinished_cells
 
     cells = archive_runs(args.source, args.dest)
     print(f"archived {len(cells)} run(s) → {args.dest}/cells (config, ledger, metrics, "
           "provenance, summary; no weights, no partition counts)")
+    refused = unfinished_cells(args.source)
+    if refused:
+        print(f"and the error record of {len(refused)} cell(s) that did not run")
     return 0
 
 

@@ -477,6 +477,22 @@ def test_cli_sweep_prints_the_plan_then_the_first_cells_speed(sweep_dir, tmp_pat
     assert out[7].split()[0] == "completed"
 
 
+def test_cli_sweep_whose_every_cell_is_refused_says_why(tmp_path, capsys):
+    from fedsb_dp.cli import main
+
+    out = str(tmp_path / "refused")
+    flags = _grid_flags("0")
+    flags[flags.index("--partitions") + 1] = "dirichlet:0.5:50"  # 120 records cannot
+    flags[flags.index("--epsilons") + 1] = "3"
+    flags[flags.index("--methods") + 1] = "fedsb"
+    assert main(["sweep", "--out", out, *flags, "--no-progress", "-q"]) == 1
+    printed = capsys.readouterr().out
+    assert "  eps3_fedsb_r2_dirichlet-0.5-50_s0: ConfigError: " in printed
+    assert f"no cell of {out!r} finished: no report" in printed
+    assert main(["archive", out, str(tmp_path / "kept")]) == 0
+    assert os.listdir(tmp_path / "kept" / "cells") == ["eps3_fedsb_r2_dirichlet-0.5-50_s0"]
+
+
 def test_report_html_renders_in_a_real_browser(sweep_dir, tmp_path):
     """report.html in headless Chromium: every plot decodes and the page is not blank.
 
