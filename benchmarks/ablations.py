@@ -37,7 +37,8 @@ from fedsb_dp.sweep import SweepSpec, run_sweep
 from fedsb_dp.sweep.results import collect_results
 
 #: The privacy-utility benchmark's budget (benchmarks/privacy_utility.toml).
-BASE: dict[str, Any] = {"max_eval_records": 400, "max_length": 32}
+# batch 64: the default budget of the cell it varies (training_budget.py raised the default)
+BASE: dict[str, Any] = {"max_eval_records": 400, "max_length": 32, "batch_size": 64}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ GRID: dict[str, tuple[float, ...]] = {
     "ffa-lora": (5e-3, 1e-2, 3e-2),
     "fedit": (5e-3, 1e-2, 3e-2),
 }
-CELL: dict[str, Any] = {"epsilon": 3.0, "seed": 0, "max_length": 32, "max_eval_records": 400}
+# batch 64: the default budget when the step sizes were chosen (training_budget.py raised it)
+CELL: dict[str, Any] = {"epsilon": 3.0, "seed": 0, "max_length": 32, "max_eval_records": 400,
+                        "batch_size": 64}
 
 
 def run_name(method: str, lr: float) -> str:

@@ -7,8 +7,11 @@ default task (offline Rotten Tomatoes, all 10,225 training records over 3 IID cl
 MiniLM, r = 16, C = 3, ε = 3 — the settings of ``fedsb-dp run --epsilon 3``) at a few budgets,
 three seeds each, with sequences cut to 32 tokens so the grid fits a 2-core CPU (the
 benchmark grids' cell). Every cell evaluates on the whole validation and test splits (1,066
-records each). The choice is made on the last round's **validation** accuracy; the current
-default is replaced only when a budget beats it with a paired 95 % t interval that excludes 0.
+records each). The choice is made on the last round's **validation** accuracy; the baseline
+budget (the default before this sweep, 3 × 10 × 64) is replaced only when a budget beats it
+with a paired 95 % t interval that excludes 0. On 2026-12-03 3 × 10 × 128 did (+1.81 [+0.02,
++3.60] validation points, +1.96 [+0.26, +3.66] test points, three seeds) and became the
+default; the table is in docs/benchmarks.md §7.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/training_budget.py --workers 2 \\
         --out sweeps/training_budget --archive benchmarks/results/training_budget
@@ -36,21 +39,23 @@ from fedsb_dp.sweep.paired import AHEAD, BEHIND, UNDECIDED, paired_difference
 from fedsb_dp.sweep.plan import wall_time
 from fedsb_dp.sweep.results import run_dirs, run_row
 
-#: (rounds, local steps, expected batch); the first is the current default.
+#: (rounds, local steps, expected batch); the first is the baseline (the default before this
+#: sweep; 3 × 10 × 128 is the default since).
 BUDGETS: tuple[tuple[int, int, int], ...] = (
-    (3, 10, 64),   # default: 30 steps per client
+    (3, 10, 64),   # baseline: 30 steps per client
     (3, 10, 128),  # same steps, twice the batch (larger q → larger σ, smaller σC/b)
-    (3, 5, 128),   # half the steps at twice the batch: the same examples as the default
+    (3, 5, 128),   # half the steps at twice the batch: the same examples as the baseline
     (3, 5, 256),   # few steps, big batch
-    (3, 20, 64),   # twice the steps at the default batch
-    (3, 20, 32),   # twice the steps at half the batch: the same examples as the default
-    (1, 30, 64),   # one round: the default's steps with no averaging in between
+    (3, 20, 64),   # twice the steps at the baseline's batch
+    (3, 20, 32),   # twice the steps at half the batch: the same examples as the baseline
+    (1, 30, 64),   # one round: the baseline's steps with no averaging in between
 )
-#: Settings shared by every cell; the rest are ``fedsb-dp run``'s defaults.
+#: Settings shared by every cell; the rest are ``fedsb-dp run``'s defaults (each budget sets
+#: rounds, local steps and batch itself).
 CELL: dict[str, Any] = {"max_length": 32}
 EPSILON = 3.0
-#: The paired interval's verdicts, read as "this budget vs the default".
-VERDICTS = {AHEAD: "better than the default", BEHIND: "worse than the default",
+#: The paired interval's verdicts, read as "this budget vs the baseline".
+VERDICTS = {AHEAD: "better than the baseline", BEHIND: "worse than the baseline",
             UNDECIDED: "not distinguishable"}
 
 
@@ -120,17 +125,17 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarise(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    """The markdown table and the decision (chosen budget, its interval vs the default)."""
-    default = budget_name(BUDGETS[0])
+    """The markdown table and the decision (chosen budget, its interval vs the baseline)."""
+    baseline = budget_name(BUDGETS[0])
     by_budget: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_budget.setdefault(r["budget"], []).append(r)
-    base_val = {r["seed"]: r["validation_accuracy"] for r in by_budget.get(default, [])}
-    base_test = {r["seed"]: r["test_accuracy"] for r in by_budget.get(default, [])}
+    base_val = {r["seed"]: r["validation_accuracy"] for r in by_budget.get(baseline, [])}
+    base_test = {r["seed"]: r["test_accuracy"] for r in by_budget.get(baseline, [])}
     lines = ["| budget (R × K × b) | examples / client | σ | σC/b | ε (ledger) | "
-             "val acc | test acc | Δ val vs default | Δ test vs default | wall s |",
+             "val acc | test acc | Δ val vs baseline | Δ test vs baseline | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    decision: dict[str, Any] = {"default": default, "budgets": {}}
+    decision: dict[str, Any] = {"baseline": baseline, "budgets": {}}
     for budget in BUDGETS:
         name = budget_name(budget)
         group = sorted(by_budget.get(name, []), key=lambda r: r["seed"])
@@ -138,7 +143,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             continue
         val = {r["seed"]: r["validation_accuracy"] for r in group}
         test = {r["seed"]: r["test_accuracy"] for r in group}
-        if name == default or not set(val) & set(base_val):
+        if name == baseline or not set(val) & set(base_val):
             dval = dtest = None
         else:
             dval = paired_difference(val, base_val)
@@ -149,12 +154,12 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             "seeds": sorted(val), "mean_validation_accuracy": mean_val,
             "mean_test_accuracy": sum(test.values()) / len(test),
             "noise_multiplier": group[0]["noise_multiplier"],
-            "validation_vs_default": None if dval is None else dval.describe(),
+            "validation_vs_baseline": None if dval is None else dval.describe(),
             "validation_verdict": None if dval is None else VERDICTS.get(dval.verdict,
                                                                          "no verdict"),
-            "test_vs_default": None if dtest is None else dtest.describe()}
+            "test_vs_baseline": None if dtest is None else dtest.describe()}
         lines.append(
-            f"| {budget[0]} × {budget[1]} × {budget[2]}{' (default)' if name == default else ''}"
+            f"| {budget[0]} × {budget[1]} × {budget[2]}{' (baseline)' if name == baseline else ''}"
             f" | {cost(budget):,} | {group[0]['noise_multiplier']:.3f} | "
             f"{group[0]['noise_on_mean']:.4f} | {max(r['epsilon'] for r in group):.3f} | "
             f"{_mean_std(list(val.values()))} | {_mean_std(list(test.values()))} | "
@@ -164,10 +169,10 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     better = {n: b for n, b in decision["budgets"].items()
               if b["validation_verdict"] == VERDICTS[AHEAD]}
     chosen = max(better, key=lambda n: better[n]["mean_validation_accuracy"]) if better \
-        else default
+        else baseline
     decision["chosen"] = chosen
     decision["rule"] = ("highest mean validation accuracy among budgets whose paired 95 % t "
-                        "interval vs the default excludes 0; else the default")
+                        "interval vs the baseline excludes 0; else the baseline")
     return lines, decision
 
 
