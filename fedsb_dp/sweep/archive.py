@@ -16,7 +16,7 @@ import tempfile
 
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated import run_dir as rd
-from fedsb_dp.sweep.results import ERROR_FILE, run_dirs, unfinished_cells
+from fedsb_dp.sweep.results import ERROR_FILE, is_unfinished, run_dirs, unfinished_cells
 
 #: Files a report and an ε audit read; everything else in a run directory stays behind.
 AUDIT_FILES = (rd.CONFIG, rd.LEDGER, rd.METRICS, rd.PROVENANCE, rd.SUMMARY)
@@ -82,7 +82,7 @@ def archive_runs(source: str, dest: str) -> list[str]:
         name = os.path.basename(os.path.normpath(run))
         target = os.path.join(cells, name)
         present = [f for f in AUDIT_FILES if os.path.exists(os.path.join(run, f))]
-        if _unfinished(target):  # archived when it had failed; it has finished since
+        if is_unfinished(target):  # archived when it had failed; it has finished since
             shutil.rmtree(target)
         if os.path.exists(target):
             same = all(_same(run, target, f) for f in present)
@@ -91,43 +91,31 @@ def archive_runs(source: str, dest: str) -> list[str]:
                                   f"{name!r}; archive to another directory")
             done.append(target)
             continue
-        staging = tempfile.mkdtemp(prefix=f".{name}.", dir=cells)
-        for f in present:
-            if f == rd.CONFIG:
-                rd.write_json_atomic(os.path.join(staging, f),
-                                     archived_config(os.path.join(run, f)))
-            else:
-                shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
-        os.replace(staging, target)
+        _copy_cell(run, present, cells, name)
         done.append(target)
     # A refused or failed cell keeps its reason (and its ledger, if it spent anything), so
     # the archive's report still says which seed is missing and why.
     for cell in refused:
-        target = os.path.join(cells, cell["run"])
-        if os.path.exists(target):
-            continue
-        run = os.path.join(_cells_root(source), cell["run"])
-        staging = tempfile.mkdtemp(prefix=f".{cell['run']}.", dir=cells)
-        for f in (ERROR_FILE, rd.CONFIG, rd.LEDGER):
-            if not os.path.exists(os.path.join(run, f)):
-                continue
-            if f == rd.CONFIG:
-                rd.write_json_atomic(os.path.join(staging, f),
-                                     archived_config(os.path.join(run, f)))
-            else:
-                shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
-        os.replace(staging, target)
+        if not os.path.exists(os.path.join(cells, cell["run"])):
+            present = [f for f in (ERROR_FILE, rd.CONFIG, rd.LEDGER)
+                       if os.path.exists(os.path.join(cell["path"], f))]
+            _copy_cell(cell["path"], present, cells, cell["run"])
     return done
 
 
-def _cells_root(path: str) -> str:
-    cells = os.path.join(path, "cells")
-    return cells if os.path.isdir(cells) else path
+def _copy_cell(run: str, files: list[str], cells: str, name: str) -> None:
+    """Copy ``files`` of ``run`` to ``cells/name`` through a staging directory.
 
-
-def _unfinished(cell: str) -> bool:
-    return (os.path.isfile(os.path.join(cell, ERROR_FILE))
-            and not os.path.exists(os.path.join(cell, rd.SUMMARY)))
+    The config loses the machine's ``out`` path; the rename makes the cell appear whole or
+    not at all.
+    """
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=cells)
+    for f in files:
+        if f == rd.CONFIG:
+            rd.write_json_atomic(os.path.join(staging, f), archived_config(os.path.join(run, f)))
+        else:
+            shutil.copy2(os.path.join(run, f), os.path.join(staging, f))
+    os.replace(staging, os.path.join(cells, name))
 
 
 def read_merged_results(path: str):

@@ -459,9 +459,9 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     mixed = mixed_settings(frame)
     over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
     missing = unfinished_cells(path)
-    missing_lines = [f"- `{c['run']}`: {c['error']} "
-                     f"({'its ledger records releases' if c['spent'] else 'no budget spent'})"
-                     for c in missing]
+    reasons = [(c["run"], f"{c['error']} ("
+                f"{'its ledger records releases' if c['spent'] else 'no budget spent'})")
+               for c in missing]
     md = [
         "# Privacy-utility report", "",
         f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "
@@ -471,7 +471,8 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
         *([f"**Warning: rows averaging runs with different training settings:** "
            f"{'; '.join(mixed)}", ""] if mixed else []),
         *([f"**Cells that did not run ({len(missing)})**: their seeds are missing from the "
-           "means and from every paired comparison.", "", *missing_lines, ""]
+           "means and from every paired comparison.", "",
+           *[f"- `{run}`: {reason}" for run, reason in reasons], ""]
           if missing else []),
         "## Test accuracy", "",
         "Mean ± std over seeds (number of seeds); σ: the row's largest noise multiplier, a mean "
@@ -509,7 +510,8 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
             + "".join(f"<p><b>Warning:</b> {html.escape(m)}</p>" for m in mixed)
             + (f"<p><b>Cells that did not run ({len(missing)})</b>: their seeds are missing "
                "from the means and from every paired comparison.</p><ul>"
-               + "".join(f"<li>{html.escape(line[2:])}</li>" for line in missing_lines)
+               + "".join(f"<li><code>{html.escape(run)}</code>: {html.escape(reason)}</li>"
+                         for run, reason in reasons)
                + "</ul>" if missing else "")
             + "<h2>Test accuracy</h2>" + _html_table(grid, list(grid.columns))
             + "<h2>Every grid point</h2>" + _html_table(summary, COLUMNS)

@@ -18,11 +18,17 @@ ERROR_FILE = "error.json"
 ROW_ORDER = ["partition", "method", "rank", "target_epsilon", "seed"]
 
 
+def cells_root(path: str) -> str:
+    """Where a sweep directory keeps its cells (``path/cells``), else ``path`` itself."""
+    cells = os.path.join(path, "cells")
+    return cells if os.path.isdir(cells) else path
+
+
 def run_dirs(path: str) -> list[str]:
     """Run directories under ``path`` (itself, its ``cells/``, or its subdirectories)."""
     if os.path.exists(os.path.join(path, rd.SUMMARY)):
         return [path]
-    root = os.path.join(path, "cells") if os.path.isdir(os.path.join(path, "cells")) else path
+    root = cells_root(path)
     if not os.path.isdir(root):
         raise ConfigError(f"{path!r} is not a directory")
     found = sorted(os.path.join(root, d) for d in os.listdir(root)
@@ -30,6 +36,26 @@ def run_dirs(path: str) -> list[str]:
     if not found:
         raise ConfigError(f"{path!r} holds no finished run (no {rd.SUMMARY} found)")
     return found
+
+
+def is_unfinished(cell: str) -> bool:
+    """Whether ``cell`` was refused or failed: it has ``error.json`` and no summary."""
+    return (os.path.isfile(os.path.join(cell, ERROR_FILE))
+            and not os.path.exists(os.path.join(cell, rd.SUMMARY)))
+
+
+def _spent(ledger_path: str) -> bool:
+    """Whether a ledger charges any client anything (reservations included).
+
+    An unreadable or tampered ledger counts as spent: the safe reading for a report.
+    """
+    if not os.path.isfile(ledger_path):
+        return False
+    try:
+        ledger = PrivacyLedger.load(ledger_path)
+    except (OSError, ValueError):  # unreadable or failing its hash (AccountingError)
+        return True
+    return any(ledger.steps(client, kind=None) for client in ledger.clients)
 
 
 def unfinished_cells(path: str) -> list[dict[str, Any]]:
@@ -40,21 +66,20 @@ def unfinished_cells(path: str) -> list[dict[str, Any]]:
     loses that seed.
 
     Returns:
-        One ``{"run", "error", "spent"}`` per such cell, by name; ``spent`` tells whether its
-        ledger holds any release (a cell refused before training has none).
+        One ``{"run", "path", "error", "spent"}`` per such cell, by name; ``spent`` tells
+        whether its ledger charges any release (a cell refused before training has none).
     """
-    root = os.path.join(path, "cells") if os.path.isdir(os.path.join(path, "cells")) else path
+    root = cells_root(path)
     if not os.path.isdir(root):
         return []
     found = []
     for name in sorted(os.listdir(root)):
         cell = os.path.join(root, name)
-        error = os.path.join(cell, ERROR_FILE)
-        if os.path.exists(os.path.join(cell, rd.SUMMARY)) or not os.path.isfile(error):
+        if not is_unfinished(cell):
             continue
-        ledger = os.path.join(cell, rd.LEDGER)
-        spent = os.path.isfile(ledger) and os.path.getsize(ledger) > 0
-        found.append({"run": name, "error": _read(error).get("error", "?"), "spent": spent})
+        found.append({"run": name, "path": cell,
+                      "error": _read(os.path.join(cell, ERROR_FILE)).get("error", "?"),
+                      "spent": _spent(os.path.join(cell, rd.LEDGER))})
     return found
 
 

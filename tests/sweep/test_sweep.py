@@ -477,6 +477,31 @@ def test_cli_sweep_prints_the_plan_then_the_first_cells_speed(sweep_dir, tmp_pat
     assert out[7].split()[0] == "completed"
 
 
+def test_unfinished_cells_tell_whether_their_ledger_charges_anything(sweep_dir, tmp_path):
+    from fedsb_dp.sweep.results import unfinished_cells
+
+    finished = os.path.join(sweep_dir, "cells", "eps3_fedsb_r2_iid_s0")
+    cells = tmp_path / "grid" / "cells"
+    for name in ("a_refused", "b_failed_mid_run", "c_tampered", "d_finished", "e_empty_ledger"):
+        (cells / name).mkdir(parents=True)
+        (cells / name / "error.json").write_text(json.dumps({"error": f"ConfigError: {name}"}))
+    shutil.copy(os.path.join(finished, "ledger.json"), cells / "b_failed_mid_run")
+    (cells / "c_tampered" / "ledger.json").write_text(
+        open(os.path.join(finished, "ledger.json"), encoding="utf-8").read()
+        .replace('"count": 2', '"count": 1'))
+    shutil.copy(os.path.join(finished, "summary.json"), cells / "d_finished")
+    from accounting import PrivacyLedger  # created, nothing released yet
+
+    PrivacyLedger(dataset_sizes={"client-0": 60, "client-1": 60}, target_epsilon=3.0,
+                  target_delta=1e-3).save(str(cells / "e_empty_ledger" / "ledger.json"))
+    found = {c["run"]: c for c in unfinished_cells(str(tmp_path / "grid"))}
+    assert {n: c["spent"] for n, c in found.items()} == {
+        "a_refused": False, "b_failed_mid_run": True, "c_tampered": True,
+        "e_empty_ledger": False}
+    assert found["a_refused"]["error"] == "ConfigError: a_refused"
+    assert found["a_refused"]["path"] == str(cells / "a_refused")
+
+
 def test_cli_sweep_whose_every_cell_is_refused_says_why(tmp_path, capsys):
     from fedsb_dp.cli import main
 
