@@ -99,7 +99,8 @@ def last_validation(path: str) -> float:
 
 
 def budget_rows(directory: str, budget: tuple[int, int, int],
-                times: dict[tuple[tuple[int, int, int], int], float]) -> list[dict[str, Any]]:
+                times: dict[tuple[tuple[int, int, int], str], float | None]
+                ) -> list[dict[str, Any]]:
     """One row per finished seed of a budget, ε recomputed from its ledger."""
     rows = []
     for path in run_dirs(directory):
@@ -112,7 +113,7 @@ def budget_rows(directory: str, budget: tuple[int, int, int],
             "noise_on_mean": row["noise_multiplier"] * row["max_grad_norm"] / batch,
             "validation_accuracy": last_validation(path),
             "test_accuracy": row["test_accuracy"], "status": row["status"],
-            "wall_time_s": times.get((budget, row["seed"])),
+            "wall_time_s": times.get((budget, row["run"])),
         })
     return rows
 
@@ -200,7 +201,8 @@ def main() -> None:
     times = {}
     for budget in BUDGETS:
         for path in run_dirs(os.path.join(args.out, budget_name(budget))):
-            times[(budget, run_row(path)["seed"])] = wall_time(path)
+            # by cell name: the operator log stays in the sweep, the archive has no timings
+            times[(budget, os.path.basename(path))] = wall_time(path)
     target = args.out
     if args.archive:
         for budget in BUDGETS:
