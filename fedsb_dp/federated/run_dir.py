@@ -31,7 +31,7 @@ from fedsb_dp.errors import ConfigError
 
 #: Settings added after runs were already saved, with the value those runs used: a saved
 #: config without the key gets it here (a new run gets the field's default).
-SAVED_RUN_DEFAULTS = {"eval_sample": "head"}
+SAVED_RUN_DEFAULTS = {"eval_sample": "head", "noise": "shared"}
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:

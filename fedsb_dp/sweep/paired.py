@@ -109,12 +109,13 @@ PAIRED_COLUMNS = ["dataset", "num_clients", "partition", "target_epsilon", "feds
                   "difference", "verdict", "gaps"]
 
 
-def _by_seed(frame, method: str, rank: int) -> dict[int, float]:
+def by_seed(frame, method: str, rank: int) -> dict[int, float]:
+    """Seed → test accuracy of one (method, rank) (mean if a seed ran twice)."""
     cell = frame[(frame["method"] == method) & (frame["rank"] == rank)]
     return {int(s): float(a) for s, a in cell.groupby("seed")["test_accuracy"].mean().items()}
 
 
-def _best(frame, methods) -> tuple[str, int] | None:
+def best_of(frame, methods) -> tuple[str, int] | None:
     """The (method, rank) with the highest mean accuracy among ``methods``, or ``None``."""
     pool = frame[frame["method"].isin(methods)]
     if pool.empty:
@@ -150,15 +151,15 @@ def paired_table(frame, *, confidence: float = 0.95):
         frame["num_clients"] = frame["clients"]
     rows = []
     for key, group in frame.groupby(list(GROUP_KEYS), sort=True):
-        ours = _best(group, ["fedsb"])
+        ours = best_of(group, ["fedsb"])
         if ours is None:
             continue
         others = [m for m in group["method"].unique()
                   if m not in ("fedsb", HEAD_ONLY) and not str(m).startswith("central")]
-        for rival in (_best(group, [HEAD_ONLY]), _best(group, others)):
+        for rival in (best_of(group, [HEAD_ONLY]), best_of(group, others)):
             if rival is None:
                 continue
-            mine, theirs = _by_seed(group, *ours), _by_seed(group, *rival)
+            mine, theirs = by_seed(group, *ours), by_seed(group, *rival)
             if not set(mine) & set(theirs):
                 continue
             result = paired_difference(mine, theirs, confidence=confidence)

@@ -130,6 +130,8 @@ def run_row(path: str) -> dict[str, Any]:
         "learning_rate": config.get("learning_rate"), "batch_size": config.get("batch_size"),
         "local_steps": config.get("local_steps"), "init": config.get("init"),
         "num_clients": config.get("clients"), "model": config.get("model"),
+        "participation": config.get("participation", 1.0),
+        "noise": rd.saved_settings(config)["noise"],
         "dataset": config.get("dataset"), "max_length": config.get("max_length"),
         "max_train_records": config.get("max_train_records"),
         "max_eval_records": config.get("max_eval_records"),

@@ -518,6 +518,23 @@ def test_cli_sweep_whose_every_cell_is_refused_says_why(tmp_path, capsys):
     assert os.listdir(tmp_path / "kept" / "cells") == ["eps3_fedsb_r2_dirichlet-0.5-50_s0"]
 
 
+def test_the_answer_reads_real_runs_and_refuses_a_grid_counted_twice(sweep_dir, tmp_path):
+    from fedsb_dp.sweep.answer import Experiment, answer_table, read_experiment
+
+    frame = read_experiment(Experiment("tiny", (sweep_dir,)))
+    assert set(frame["noise"]) == {"shared"} and set(frame["participation"]) == {1.0}
+    private = answer_table({"tiny": frame}).set_index("target_epsilon").loc[3.0]
+    assert private["fedsb"].startswith("fedsb r=2: ") and private["head_only"] == ""
+    assert private["best_baseline"].startswith("ffa-lora r=2: ")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(sweep_dir, copy)
+    with pytest.raises(ConfigError, match="appear in more than one grid"):
+        read_experiment(Experiment("twice", (sweep_dir, copy)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="experiment 'none': .* holds no finished run"):
+        read_experiment(Experiment("none", (str(tmp_path / "empty"),)))
+
+
 def test_report_html_renders_in_a_real_browser(sweep_dir, tmp_path):
     """report.html in headless Chromium: every plot decodes and the page is not blank.
 
