@@ -16,6 +16,7 @@ of it with each experiment's cell size next to its rows.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,21 +28,19 @@ from fedsb_dp.sweep.paired import (
     HEAD_ONLY,
     TOO_FEW,
     UNDECIDED,
-    best_of,
     by_seed,
+    contenders,
     paired_difference,
 )
+from fedsb_dp.sweep.results import over_target
 
 #: Settings every method compared within one experiment must share.
 SHARED_BUDGET = ("dataset", "model", "num_clients", "participation", "noise", "batch_size",
                  "local_steps", "rounds", "max_length", "max_train_records", "max_eval_records",
                  "eval_sample", "max_grad_norm")
-#: Slack on "recomputed ε ≤ target", the same as the sweep report's count of runs over target.
-EPSILON_SLACK = 1e-9
 ANSWER_COLUMNS = ["experiment", "partition", "target_epsilon", "sigma", "fedsb", "head_only",
                   "best_baseline", "vs_head_only", "verdict_head_only", "vs_best_baseline",
                   "verdict_best_baseline"]
-_NOT_ADAPTER_BASELINES = ("fedsb", HEAD_ONLY)
 
 
 @dataclass(frozen=True)
@@ -79,13 +78,6 @@ def read_experiment(experiment: Experiment):
     return frame
 
 
-def _over_target(frame) -> list[str]:
-    private = frame[frame["target_epsilon"].map(math.isfinite)]
-    over = private[private["epsilon"] > private["target_epsilon"] + EPSILON_SLACK]
-    return [f"{row.run} (ε = {row.epsilon:.6g} > {row.target_epsilon:g})"
-            for row in over.itertuples()]
-
-
 def check_experiment(frame, name: str) -> None:
     """Refuse an experiment whose runs cannot be compared or break their privacy target.
 
@@ -99,7 +91,8 @@ def check_experiment(frame, name: str) -> None:
             (partition, ε) whose methods differ in a shared setting, with the values.
     """
     problems = []
-    over = _over_target(frame)
+    over = [f"{row.run} (ε = {row.epsilon:.6g} > {row.target_epsilon:g})"
+            for row in over_target(frame).itertuples()]
     if over:
         problems.append(f"recomputed ε above the target: {', '.join(over)}")
     twice = sorted(set(frame["run"][frame["run"].duplicated()]))
@@ -119,11 +112,10 @@ def check_experiment(frame, name: str) -> None:
 
 def _mean_std(values: Mapping[int, float]) -> str:
     accuracies = list(values.values())
-    mean = sum(accuracies) / len(accuracies)
     if len(accuracies) < 2:
-        return f"{mean:.3f} (1)"
-    std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
-    return f"{mean:.3f} ± {std:.3f} ({len(accuracies)})"
+        return f"{accuracies[0]:.3f} (1)"
+    return (f"{statistics.mean(accuracies):.3f} ± {statistics.stdev(accuracies):.3f} "
+            f"({len(accuracies)})")
 
 
 def _label(method: str, rank: int) -> str:
@@ -149,11 +141,10 @@ def answer_table(frames: Mapping[str, Any], *, confidence: float = 0.95):
     rows = []
     for name, frame in frames.items():
         frame = frame[frame["test_accuracy"].notna()]
-        cells = sorted(frame.groupby(["partition", "target_epsilon"]).groups,
-                       key=lambda k: (partition_key(k[0]), k[1]))
-        for partition, eps in cells:
-            group = frame[(frame["partition"] == partition) & (frame["target_epsilon"] == eps)]
-            ours = best_of(group, ["fedsb"])
+        cells = sorted(frame.groupby(["partition", "target_epsilon"]),
+                       key=lambda item: (partition_key(item[0][0]), item[0][1]))
+        for (partition, eps), group in cells:
+            ours, head, baseline = contenders(group)
             if ours is None:
                 continue
             mine = by_seed(group, *ours)
@@ -162,10 +153,7 @@ def answer_table(frames: Mapping[str, Any], *, confidence: float = 0.95):
                    "sigma": (float(fedsb_runs["noise_multiplier"].mean())
                              if math.isfinite(eps) else 0.0),
                    "fedsb": f"{_label(*ours)}: {_mean_std(mine)}"}
-            baselines = [m for m in group["method"].unique()
-                         if m not in _NOT_ADAPTER_BASELINES and not str(m).startswith("central")]
-            for key, rival in (("head_only", best_of(group, [HEAD_ONLY])),
-                               ("best_baseline", best_of(group, baselines))):
+            for key, rival in (("head_only", head), ("best_baseline", baseline)):
                 row[key] = row[f"vs_{key}"] = row[f"verdict_{key}"] = ""
                 if rival is None:
                     continue

@@ -125,6 +125,18 @@ def best_of(frame, methods) -> tuple[str, int] | None:
     return str(method), int(rank)
 
 
+def contenders(group) -> tuple[tuple[str, int] | None, tuple[str, int] | None,
+                             tuple[str, int] | None]:
+    """Fed-SB's best rank, head-only, and the most accurate adapter baseline of one cell.
+
+    Each is a (method, rank) or ``None`` if the cell has no such run. Pooled-data references
+    (``central-*``) are no federated rival.
+    """
+    others = [m for m in group["method"].unique()
+              if m not in ("fedsb", HEAD_ONLY) and not str(m).startswith("central")]
+    return best_of(group, ["fedsb"]), best_of(group, [HEAD_ONLY]), best_of(group, others)
+
+
 def paired_table(frame, *, confidence: float = 0.95):
     """Fed-SB (best rank) − head-only and − the best adapter baseline, paired by seed.
 
@@ -151,12 +163,10 @@ def paired_table(frame, *, confidence: float = 0.95):
         frame["num_clients"] = frame["clients"]
     rows = []
     for key, group in frame.groupby(list(GROUP_KEYS), sort=True):
-        ours = best_of(group, ["fedsb"])
+        ours, head, baseline = contenders(group)
         if ours is None:
             continue
-        others = [m for m in group["method"].unique()
-                  if m not in ("fedsb", HEAD_ONLY) and not str(m).startswith("central")]
-        for rival in (best_of(group, [HEAD_ONLY]), best_of(group, others)):
+        for rival in (head, baseline):
             if rival is None:
                 continue
             mine, theirs = by_seed(group, *ours), by_seed(group, *rival)

@@ -17,7 +17,13 @@ from typing import Any
 from fedsb_dp.errors import ConfigError
 from fedsb_dp.federated.partition import PartitionSpec
 from fedsb_dp.sweep.paired import HEAD_ONLY, paired_difference, paired_table
-from fedsb_dp.sweep.results import RESULTS_FILE, ROW_ORDER, collect_results, unfinished_cells
+from fedsb_dp.sweep.results import (
+    RESULTS_FILE,
+    ROW_ORDER,
+    collect_results,
+    over_target,
+    unfinished_cells,
+)
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
 
@@ -457,7 +463,7 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     versus_columns = list(versus.columns)
     paired = paired_table(frame)
     mixed = mixed_settings(frame)
-    over = frame[frame["epsilon"] > frame["target_epsilon"] + 1e-9]
+    over = over_target(frame)
     missing = unfinished_cells(path)
     reasons = [(c["run"], f"{c['error']} ("
                 f"{'its ledger records releases' if c['spent'] else 'no budget spent'})")

@@ -16,6 +16,13 @@ RESULTS_FILE = "results.csv"
 ERROR_FILE = "error.json"
 #: Row order of every results table.
 ROW_ORDER = ["partition", "method", "rank", "target_epsilon", "seed"]
+#: Slack on "recomputed ε ≤ target" (float noise of the accountant, nothing more).
+EPSILON_SLACK = 1e-9
+
+
+def over_target(frame):
+    """The runs (rows of ``collect_results``) whose recomputed ε exceeds their target."""
+    return frame[frame["epsilon"] > frame["target_epsilon"] + EPSILON_SLACK]
 
 
 def cells_root(path: str) -> str:
@@ -92,6 +99,7 @@ def run_row(path: str) -> dict[str, Any]:
     """One run as a row: grid point, utility, ε recomputed from its ledger, noise, traffic."""
     summary = _read(os.path.join(path, rd.SUMMARY))
     config = _read(os.path.join(path, rd.CONFIG))["config"]
+    settings = rd.saved_settings(config)  # settings added later read as older runs used them
     private = not config.get("no_dp", False)
     if private:
         ledger = PrivacyLedger.load(os.path.join(path, rd.LEDGER))
@@ -131,11 +139,11 @@ def run_row(path: str) -> dict[str, Any]:
         "local_steps": config.get("local_steps"), "init": config.get("init"),
         "num_clients": config.get("clients"), "model": config.get("model"),
         "participation": config.get("participation", 1.0),
-        "noise": rd.saved_settings(config)["noise"],
+        "noise": settings["noise"],
         "dataset": config.get("dataset"), "max_length": config.get("max_length"),
         "max_train_records": config.get("max_train_records"),
         "max_eval_records": config.get("max_eval_records"),
-        "eval_sample": rd.saved_settings(config)["eval_sample"],
+        "eval_sample": settings["eval_sample"],
     }
 
 
