@@ -26,6 +26,7 @@ from fedsb_dp.sweep.answer import (
     Experiment,
     answer_markdown,
     answer_table,
+    missing_cells,
     read_experiment,
     verdict_counts,
 )
@@ -55,14 +56,16 @@ def main() -> None:
                    for name, grids in EXPERIMENTS]
     frames = {e.name: read_experiment(e) for e in experiments}
     table = answer_table(frames)
-    markdown = answer_markdown(table, frames, experiments)
+    missing = {e.name: missing_cells(e) for e in experiments}
+    markdown = answer_markdown(table, frames, experiments, missing)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "answer.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown)
     table.to_csv(os.path.join(args.out, "answer.csv"), index=False)
     write_json_atomic(os.path.join(args.out, "answer.json"),
                       {"verdict_counts": verdict_counts(table),
-                       "runs": {name: len(frame) for name, frame in frames.items()}})
+                       "runs": {name: len(frame) for name, frame in frames.items()},
+                       "did_not_run": missing})
     print(markdown)
 
 

@@ -32,7 +32,7 @@ from fedsb_dp.sweep.paired import (
     contenders,
     paired_difference,
 )
-from fedsb_dp.sweep.results import over_target
+from fedsb_dp.sweep.results import over_target, unfinished_cells, unfinished_reason
 
 #: Settings every method compared within one experiment must share.
 SHARED_BUDGET = ("dataset", "model", "num_clients", "participation", "noise", "batch_size",
@@ -76,6 +76,17 @@ def read_experiment(experiment: Experiment):
     frame = pd.concat(frames, ignore_index=True)
     check_experiment(frame, experiment.name)
     return frame
+
+
+def missing_cells(experiment: Experiment) -> list[dict[str, str]]:
+    """The experiment's cells that were refused or failed, with the grid and reason of each.
+
+    Their seeds are absent from every mean and pairing, so the answer has to name them (a
+    Dirichlet draw that cannot give every client a batch is refused before any budget is
+    spent, and the split it asked for is then simply not measured).
+    """
+    return [{"grid": grid, "run": cell["run"], "reason": unfinished_reason(cell)}
+            for grid in experiment.grids for cell in unfinished_cells(grid)]
 
 
 def check_experiment(frame, name: str) -> None:
@@ -202,8 +213,17 @@ def _fmt_eps(eps: float) -> str:
     return "∞" if math.isinf(eps) else f"{eps:g}"
 
 
-def answer_markdown(table, frames: Mapping[str, Any], experiments: Sequence[Experiment]) -> str:
-    """The answer as Markdown: the verdict counts, each experiment's cell size, the table."""
+def answer_markdown(table, frames: Mapping[str, Any], experiments: Sequence[Experiment],
+                    missing: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> str:
+    """The answer as Markdown: the verdict counts, each experiment's cell size, the table.
+
+    Args:
+        table: :func:`answer_table`'s rows.
+        frames: Each experiment's runs (:func:`read_experiment`), by name.
+        experiments: The experiments, in the order to list them.
+        missing: Each experiment's :func:`missing_cells`, by name; listed, by reason, after
+            the table.
+    """
     counts = verdict_counts(table)
     runs = sum(len(f) for f in frames.values())
     lines = [
@@ -236,4 +256,16 @@ def answer_markdown(table, frames: Mapping[str, Any], experiments: Sequence[Expe
                  row.vs_head_only, row.verdict_head_only,
                  row.vs_best_baseline, row.verdict_best_baseline]
         lines.append("| " + " | ".join(cells) + " |")
+    gaps = {name: cells for name, cells in (missing or {}).items() if cells}
+    if gaps:
+        lines += ["", "## Cells that did not run", "",
+                  "Their seeds are in no mean and no pairing above.", ""]
+        for experiment in experiments:
+            by_reason: dict[str, list[str]] = {}
+            for cell in gaps.get(experiment.name, ()):
+                by_reason.setdefault(cell["reason"], []).append(cell["run"])
+            for reason, runs in by_reason.items():
+                lines.append(f"- **{experiment.name}**, {len(runs)} cell"
+                             f"{'s' if len(runs) > 1 else ''} ({', '.join(f'`{r}`' for r in runs)})"
+                             f": {reason}")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from fedsb_dp.sweep.results import (
     collect_results,
     over_target,
     unfinished_cells,
+    unfinished_reason,
 )
 
 PLOTS = ("accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "noise_scale.png")
@@ -465,9 +466,7 @@ def write_report(path: str, merge: Sequence[str] = ()) -> dict[str, str]:
     mixed = mixed_settings(frame)
     over = over_target(frame)
     missing = unfinished_cells(path)
-    reasons = [(c["run"], f"{c['error']} ("
-                f"{'its ledger records releases' if c['spent'] else 'no budget spent'})")
-               for c in missing]
+    reasons = [(c["run"], unfinished_reason(c)) for c in missing]
     md = [
         "# Privacy-utility report", "",
         f"{len(frame)} runs; ε is recomputed from every run's ledger (max over clients, "

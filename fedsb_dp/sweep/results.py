@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from accounting import PrivacyLedger, federation_epsilon
@@ -88,6 +89,12 @@ def unfinished_cells(path: str) -> list[dict[str, Any]]:
                       "error": _read(os.path.join(cell, ERROR_FILE)).get("error", "?"),
                       "spent": _spent(os.path.join(cell, rd.LEDGER))})
     return found
+
+
+def unfinished_reason(cell: Mapping[str, Any]) -> str:
+    """Why a cell of :func:`unfinished_cells` did not run, and whether it spent budget."""
+    spent = "its ledger records releases" if cell["spent"] else "no budget spent"
+    return f"{cell['error']} ({spent})"
 
 
 def _read(path: str) -> Any:

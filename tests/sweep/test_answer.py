@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -14,6 +15,7 @@ from fedsb_dp.sweep.answer import (
     answer_table,
     cell_size,
     check_experiment,
+    missing_cells,
     verdict_counts,
 )
 from fedsb_dp.sweep.paired import AHEAD, BEHIND, UNDECIDED, paired_difference
@@ -122,3 +124,27 @@ def test_markdown_states_each_experiments_cell_size():
     assert size in text
     assert "against the private head alone: Fed-SB ahead in 0, behind in 0, not " \
            "distinguishable in 1." in text
+
+
+def test_cells_that_did_not_run_are_named_with_their_reason(tmp_path):
+    grid = tmp_path / "clients30"
+    refusal = ("ConfigError: dirichlet:0.3 over 30 clients left a client with fewer than 32 "
+               "records in every draw")
+    for seed in (0, 1):
+        cell = grid / "cells" / f"eps3_fedsb_r16_dirichlet-0.3_s{seed}"
+        cell.mkdir(parents=True)
+        (cell / "error.json").write_text(json.dumps({"error": refusal}))
+    experiment = Experiment("RT, 30 clients", (str(grid),))
+    missing = missing_cells(experiment)
+    assert [(m["run"], m["reason"]) for m in missing] == [
+        (f"eps3_fedsb_r16_dirichlet-0.3_s{seed}", f"{refusal} (no budget spent)")
+        for seed in (0, 1)]
+    frame = _frame(_runs("fedsb", [0.7, 0.72]), _runs("head-only", [0.71, 0.71]))
+    table = answer_table({experiment.name: frame})
+    text = answer_markdown(table, {experiment.name: frame}, [experiment],
+                           {experiment.name: missing})
+    assert ("- **RT, 30 clients**, 2 cells (`eps3_fedsb_r16_dirichlet-0.3_s0`, "
+            "`eps3_fedsb_r16_dirichlet-0.3_s1`): " + refusal + " (no budget spent)") in text
+    # Nothing missing: no section at all.
+    assert "did not run" not in answer_markdown(table, {experiment.name: frame}, [experiment],
+                                                {experiment.name: []})
