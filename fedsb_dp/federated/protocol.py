@@ -410,6 +410,8 @@ class RoundProtocol:
         protocol = cls(config=config, prepared=prepared, method=method,
                        unit=privacy_unit(config), ledger=ledger, progress=progress,
                        delta=ledger.target_delta, streams=RandomStreams(config.seed))
+        # The summary's wall time will cover this attempt only: mark the restart for readers.
+        release.append_operator(out, "resumed", {"completed_rounds": progress["completed_rounds"]})
         return protocol
 
     # ------------------------------------------------------------------ rounds

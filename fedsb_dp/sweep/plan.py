@@ -50,11 +50,17 @@ def is_done(path: str) -> bool:
 
 
 def wall_time(path: str) -> float | None:
-    """A finished cell's wall time from its operator-only log, if recorded."""
+    """A finished cell's wall time from its operator-only log, if recorded.
+
+    ``None`` for a cell that was interrupted and resumed (a ``"resumed"`` line in its log):
+    its summary times the last attempt only, which would understate a whole cell.
+    """
     try:
         with open(os.path.join(path, rd.OPERATOR), encoding="utf-8") as fh:
             lines = [json.loads(line) for line in fh if line.strip()]
     except (OSError, json.JSONDecodeError):
+        return None
+    if any(r.get("kind") == "resumed" for r in lines):
         return None
     times = [r["wall_time_s"] for r in lines if r.get("kind") == "summary"
              and isinstance(r.get("wall_time_s"), int | float)]

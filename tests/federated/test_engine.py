@@ -128,6 +128,10 @@ def test_resume_after_interruption_between_rounds(tmp_path):
     assert set(_steps_per_client(ledger).values()) == {4}  # nothing re-spent, nothing lost
     assert resumed.summary["rounds_completed"] == 2
     assert resumed.summary["uncommitted_rounds"] == [] and resumed.summary["message"] is None
+    # The summary times the second attempt only: the sweep's speed estimate must not use it.
+    from fedsb_dp.sweep.plan import wall_time
+
+    assert wall_time(first.run_dir) is None
 
 
 def test_crash_inside_round_keeps_the_charge_and_guard_stops(tmp_path, monkeypatch):
