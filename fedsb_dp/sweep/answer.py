@@ -256,13 +256,12 @@ def answer_markdown(table, frames: Mapping[str, Any], experiments: Sequence[Expe
                  row.vs_head_only, row.verdict_head_only,
                  row.vs_best_baseline, row.verdict_best_baseline]
         lines.append("| " + " | ".join(cells) + " |")
-    gaps = {name: cells for name, cells in (missing or {}).items() if cells}
-    if gaps:
+    if missing and any(missing.values()):
         lines += ["", "## Cells that did not run", "",
                   "Their seeds are in no mean and no pairing above.", ""]
         for experiment in experiments:
             by_reason: dict[str, list[str]] = {}
-            for cell in gaps.get(experiment.name, ()):
+            for cell in missing.get(experiment.name, ()):
                 by_reason.setdefault(cell["reason"], []).append(cell["run"])
             for reason, runs in by_reason.items():
                 lines.append(f"- **{experiment.name}**, {len(runs)} cell"
