@@ -130,11 +130,11 @@ def test_natural_partition_refusals(tmp_path):
         PartitionSpec.parse("column:")
 
 
-def test_dirichlet_refused_on_free_form_text():
-    with pytest.raises(SettingError, match=r"partition='dirichlet:0.3' skews labels, and "
+@pytest.mark.parametrize("skew", ["dirichlet:0.3", "labelmix:0.3"])
+def test_label_skews_refused_on_free_form_text(skew):
+    with pytest.raises(SettingError, match=rf"partition='{skew}' skews labels, and "
                                            r"free-form text has none"):
-        RunConfig(no_dp=True, task="causal-lm", response_column="text",
-                  partition="dirichlet:0.3")
+        RunConfig(no_dp=True, task="causal-lm", response_column="text", partition=skew)
     RunConfig(no_dp=True, task="causal-lm", partition="dirichlet:0.3")  # label task: fine
 
 

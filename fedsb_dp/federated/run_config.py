@@ -15,7 +15,7 @@ from fedsb_dp.data import DEFAULT_DATASET, EVAL_SAMPLES
 from fedsb_dp.devices import DTYPES, check_device_name
 from fedsb_dp.errors import ConfigError, SettingError, SettingsConflict
 from fedsb_dp.federated.client import OPTIMIZERS
-from fedsb_dp.federated.partition import PartitionSpec
+from fedsb_dp.federated.partition import LABEL_SKEWS, PartitionSpec
 from fedsb_dp.federated.settings import check_type, setting, settings_of
 from fedsb_dp.methods import METHODS, method_class
 from fedsb_dp.models import CAUSAL_LM, DEFAULT_MODEL, POOLINGS, SEQUENCE_CLASSIFICATION, TASKS
@@ -157,9 +157,10 @@ class RunConfig:
         "same for every run whatever the file's order) or head (the first in file order; "
         "runs saved before this setting existed)", choices=EVAL_SAMPLES)
     # federation
-    partition: str = setting("iid", "iid, dirichlet:<alpha> (label skew), quantity:<beta> "
-                             "(size skew) or column:<NAME> (one client per value of column "
-                             "NAME)")
+    partition: str = setting("iid", "iid, dirichlet:<alpha> (each label split among clients), "
+                             "labelmix:<alpha> (equal sizes, each client's label mix ~ "
+                             "Dirichlet), quantity:<beta> (size skew) or column:<NAME> (one "
+                             "client per value of column NAME)")
     clients: int = setting(3, "number of clients (column:<NAME>: the number of distinct "
                            "values)", unit="clients")
     rounds: int = setting(3, "federated rounds", unit="rounds")
@@ -312,7 +313,8 @@ class RunConfig:
             if getattr(self, name):
                 raise SettingError(name, getattr(self, name),
                                    f"applies to classifiers, not task='{CAUSAL_LM}'")
-        if self.lm_format != "label" and self.partition.startswith("dirichlet"):
+        if (self.lm_format != "label"
+                and PartitionSpec.parse(self.partition).kind in LABEL_SKEWS):
             raise SettingError("partition", self.partition,
                                "skews labels, and free-form text has none; use iid, "
                                "quantity:<beta> or column:<NAME>")

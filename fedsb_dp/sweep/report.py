@@ -343,9 +343,9 @@ def _method_key(method: str) -> tuple[int, str]:
 def partition_key(partition: str) -> tuple[Any, ...]:
     """Sort key of a partition (or a :func:`distinguish_setups` label) in paper order.
 
-    IID first, then Dirichlet by decreasing α (more skewed later), then quantity skew by
-    decreasing β, then anything else (e.g. ``pooled``) by name; within a partition, setups in
-    natural order (3 clients before 10).
+    IID first, then Dirichlet, then label-mix Dirichlet, each by decreasing α (more skewed
+    later), then quantity skew by decreasing β, then anything else (e.g. ``pooled``) by name;
+    within a partition, setups in natural order (3 clients before 10).
     """
     kind, *setup = partition.split(SETUP_SEPARATOR)
     natural = tuple(tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
@@ -353,8 +353,8 @@ def partition_key(partition: str) -> tuple[Any, ...]:
     try:
         spec = PartitionSpec.parse(kind)
     except ConfigError:
-        return 3, 0.0, natural, partition
-    rank = {"iid": 0, "dirichlet": 1, "quantity": 2}.get(spec.kind, 3)
+        return 4, 0.0, natural, partition
+    rank = {"iid": 0, "dirichlet": 1, "labelmix": 2, "quantity": 3}.get(spec.kind, 4)
     return rank, -(spec.concentration or 0.0), natural, partition
 
 

@@ -17,7 +17,8 @@ from fedsb_dp.federated.partition import (
 LABELS = np.array([0] * 600 + [1] * 400)[np.random.default_rng(0).permutation(1000)]
 
 
-@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "dirichlet:100", "quantity:0.5"])
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.3", "dirichlet:100", "labelmix:0.3",
+                                  "quantity:0.5"])
 def test_disjoint_complete_deterministic(spec):
     parts = partition_records(LABELS, spec, num_clients=4, seed=11, min_records=20)
     joined = np.concatenate(parts)
@@ -39,6 +40,46 @@ def test_dirichlet_skews_labels_and_alpha_controls_it():
     mild = partition_records(LABELS, "dirichlet:1000", num_clients=5, seed=3, min_records=10)
     assert _label_spread(skewed) > 0.3
     assert _label_spread(mild) < 0.1
+
+
+def test_labelmix_keeps_sizes_equal_and_alpha_controls_the_label_skew():
+    skewed = partition_records(LABELS, "labelmix:0.1", num_clients=6, seed=3, min_records=10)
+    mild = partition_records(LABELS, "labelmix:1000", num_clients=6, seed=3, min_records=10)
+    for parts in (skewed, mild):
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 1000
+    assert _label_spread(skewed) > 0.5
+    assert _label_spread(mild) < 0.12
+
+
+def test_labelmix_trains_many_clients_where_a_per_label_dirichlet_cannot():
+    # two labels over 30 clients at alpha 0.3 (Rotten Tomatoes' case, scaled down): splitting
+    # each label among the clients leaves someone under a batch in every draw
+    labels = np.repeat([0, 1], 1500)
+    with pytest.raises(ConfigError, match="fewer than 32 records in every draw"):
+        partition_records(labels, "dirichlet:0.3", num_clients=30, seed=0, min_records=32)
+    parts = partition_records(labels, "labelmix:0.3", num_clients=30, seed=0, min_records=32)
+    assert {len(p) for p in parts} == {100}
+    minority = [min(np.bincount(labels[p], minlength=2)) / len(p) for p in parts]
+    assert sum(m < 0.1 for m in minority) >= 5  # strongly skewed clients, as asked
+    assert sorted(np.concatenate(parts).tolist()) == list(range(3000))
+
+
+def test_labelmix_reads_labels_that_are_not_0_to_k():
+    labels = np.repeat([3, 7, 11], 200)
+    parts = partition_records(labels, "labelmix:0.2", num_clients=4, seed=1, min_records=8)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(600))
+    shares = [np.mean(labels[p] == 3) for p in parts]
+    assert max(shares) - min(shares) > 0.3
+
+
+def test_labelmix_takes_the_label_floor():
+    labels = np.repeat(np.arange(4), 150)
+    details = {}
+    parts = partition_records(labels, "labelmix:0.1:2", num_clients=3, seed=0, min_records=8,
+                              details=details)
+    assert short_clients(labels, parts, min_labels=2) == []
+    assert details["label_floor"]["min_labels"] == 2
 
 
 def test_quantity_skews_sizes_not_labels():
@@ -116,6 +157,7 @@ def test_a_draw_meeting_the_floor_is_the_plain_split():
 @pytest.mark.parametrize("spec, match", [
     ("dirichlet:0.3:0", "integer ≥ 1"), ("dirichlet:0.3:x", "integer ≥ 1"),
     ("quantity:0.5:2", "label floor"), ("iid:2", "takes no parameter"),
+    ("labelmix:0", "alpha=0.0 must be > 0"), ("labelmix:0.3:0", "integer ≥ 1"),
 ])
 def test_bad_label_floors(spec, match):
     with pytest.raises(ConfigError, match=match):
@@ -127,3 +169,4 @@ def test_an_unreachable_floor_is_a_clear_error():
     with pytest.raises(ConfigError, match="exceeds the 3 labels"):
         partition_records(labels, "dirichlet:0.3:4", num_clients=2, seed=0, min_records=8)
     assert str(PartitionSpec.parse("dirichlet:0.30:2")) == "dirichlet:0.3:2"
+    assert str(PartitionSpec.parse("labelmix:0.30")) == "labelmix:0.3"

@@ -413,6 +413,14 @@ def test_partitions_in_paper_order_iid_then_dirichlet_by_decreasing_alpha(tmp_pa
     assert titles[:4] == [f"partition: {p}" for p in paper]  # accuracy vs ε, one per panel
     assert titles[4:8] == [f"{p}, ε = 3" for p in paper]  # the Pareto panels
 
+
+def test_label_mix_splits_sort_after_dirichlet_and_before_size_skew():
+    from fedsb_dp.sweep.report import partition_key
+
+    shuffled = ["quantity:0.5", "labelmix:0.1", "iid", "labelmix:1", "dirichlet:0.3", "pooled"]
+    assert sorted(shuffled, key=partition_key) == [
+        "iid", "dirichlet:0.3", "labelmix:1", "labelmix:0.1", "quantity:0.5", "pooled"]
+
 # End-to-end runs of the real offline model: the fast subset (-m "not slow") skips them.
 pytestmark = pytest.mark.slow
 
