@@ -170,3 +170,17 @@ def test_an_unreachable_floor_is_a_clear_error():
         partition_records(labels, "dirichlet:0.3:4", num_clients=2, seed=0, min_records=8)
     assert str(PartitionSpec.parse("dirichlet:0.30:2")) == "dirichlet:0.3:2"
     assert str(PartitionSpec.parse("labelmix:0.30")) == "labelmix:0.3"
+
+
+def test_labelmix_with_a_vanishing_alpha_is_a_clear_error_not_nan():
+    # at alpha 1e-6 every client's mix is one label; two clients on one label exhaust it
+    labels = np.repeat(np.arange(3), 10)
+    messages = []
+    for seed in range(20):
+        try:
+            partition_records(labels, "labelmix:0.000001", num_clients=3, seed=seed)
+        except ConfigError as exc:
+            messages.append(str(exc))
+    assert messages, "no seed drew two clients onto one label"
+    assert all("labels all ran out before it was full" in m and "raise alpha" in m
+               for m in messages)
