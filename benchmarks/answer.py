@@ -12,7 +12,7 @@ where it excludes 0). Prints the table and writes ``answer.md`` and ``answer.csv
 
 Experiments are listed in :data:`EXPERIMENTS`, by archive directory under
 ``benchmarks/results`` (``--results`` points elsewhere); each names the grids that share one
-training budget. It accounts 294 ledgers: 2.6 min on the 2-core machine beside the test suite
+training budget. It accounts 382 ledgers: about 2 min on the 2-core machine beside a sweep
 (68 s idle at 258).
 """
 

@@ -253,7 +253,8 @@ def label_mix_partition(labels: np.ndarray, *, num_clients: int, alpha: float, s
     _check_counts(len(labels), num_clients, 1)
     # the partitioner indexes classes 0..K-1 by position: map labels onto that range
     _, dense = np.unique(np.asarray(labels), return_inverse=True)
-    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_clients)]
+    base, extra = divmod(len(labels), num_clients)
+    sizes = [base + (i < extra) for i in range(num_clients)]
     partitioner = _flwr_partitioners().InnerDirichletPartitioner(
         partition_sizes=sizes, partition_by="label", alpha=float(alpha), shuffle=True,
         seed=seed % (2**32))
